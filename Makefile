@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv first.
+# On a machine without nvidia-smi the CPU build of torch is pinned by constraints-cpu.txt
+# (otherwise pip would pull several GB of CUDA wheels).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/distgen generate image --prompt "a lighthouse at dusk" --height 256 --width 256 --steps 20 \
+		--parallel patch=2 --patch-mode displaced --nproc 2 --out demo.png
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	OMP_NUM_THREADS=1 $(BIN)/distgen bench image --preset dit-bench --nproc 2 --parallel patch=2 \
+		--patch-mode displaced,sync,naive
+
+clean:
+	rm -rf $(VENV) *.egg-info demo.png

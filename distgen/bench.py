@@ -1,0 +1,103 @@
+"""``distgen bench image``: N ranks vs one rank, each patch mode, in one run; one JSON object.
+
+Every configuration runs the same request (same seed) in fresh worker processes. Seconds
+per step are the median over denoiser calls after the warmup; bytes and waits are per rank
+per step (rank 0's view; bands are equal, so every rank moves about the same); PSNR compares
+the decoded image (and the latents) with the single-rank output.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from distgen.config import ConfigError, PATCH_MODES
+
+
+def _psnr(output: np.ndarray, reference: np.ndarray, value_range: float) -> float:
+    mse = float(np.mean((output.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(value_range**2 / mse)
+
+
+def _summarise(result: dict, skip: int) -> dict:
+    steps = [s for run in result["runs"] for s in run["step_seconds"][skip:]]
+    sent = [b for run in result["runs"] for b in run["bytes_sent"][skip:]]
+    recv = [b for run in result["runs"] for b in run["bytes_recv"][skip:]]
+    wait = [w for run in result["runs"] for w in run["wait_seconds"][skip:]]
+    if not steps:
+        raise ConfigError(f"--steps must exceed --warmup-steps ({skip}) to time steady-state steps")
+    return {
+        "seconds_per_step": statistics.median(steps),
+        "bytes_sent_per_rank_per_step": int(statistics.median(sent)),
+        "bytes_recv_per_rank_per_step": int(statistics.median(recv)),
+        "wait_seconds_per_step": statistics.median(wait),
+    }
+
+
+def bench_image(args) -> dict:
+    from distgen.cli import launch, prepare_image_job
+    from distgen.models.tiny import PRESETS, preset_dir
+
+    model_dir = args.model or str(preset_dir(args.preset))
+    if args.model is None:
+        size = PRESETS[args.preset][2]
+        args.height = args.height or size
+        args.width = args.width or size
+    args.steps = args.steps or 8
+    modes = [m.strip() for m in args.patch_mode.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in PATCH_MODES:
+            raise ConfigError(f"--patch-mode: unknown mode {mode!r}; allowed: {', '.join(PATCH_MODES)}")
+    # Validate every configuration before launching any.
+    jobs = []
+    for mode in modes:
+        job, nproc = prepare_image_job(args, patch_mode=mode, model_dir=model_dir)
+        jobs.append((mode, job, nproc))
+    knobs = dict(return_latents=True, progress=False, repeats=args.repeats, threads_per_rank=args.threads_per_rank)
+    skip = max(1, args.warmup_steps)
+
+    report: dict = {
+        "workload": "image",
+        "model": model_dir,
+        "preset": None if args.model else args.preset,
+        "height": args.height,
+        "width": args.width,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "dtype": args.dtype,
+        "threads_per_rank": args.threads_per_rank,
+        "timed_steps": f"median over denoiser calls {skip}..{args.steps - 1}",
+    }
+    baseline = None
+    if not args.no_baseline:
+        base_job = jobs[0][1].replace(parallel=type(jobs[0][1].parallel)({}), **knobs)
+        started = time.perf_counter()
+        base = launch(base_job, 1, "spawn", args.timeout, threads_per_rank=args.threads_per_rank)
+        baseline = {"nproc": 1, **_summarise(base, skip), "wall_seconds": time.perf_counter() - started}
+        report["baseline"] = baseline
+        base_latents = base["latents"].numpy()
+        base_image = np.asarray(base["image"], dtype=np.float64) / 255.0
+    runs = []
+    for mode, job, nproc in jobs:
+        started = time.perf_counter()
+        result = launch(job.replace(**knobs), nproc, args.launcher if args.launcher != "auto" else "spawn",
+                        args.timeout, args.ray_address, threads_per_rank=args.threads_per_rank)
+        entry = {
+            "parallel": str(job.parallel),
+            "patch_mode": mode,
+            "nproc": nproc,
+            **_summarise(result, skip),
+            "wall_seconds": time.perf_counter() - started,
+        }
+        if baseline is not None:
+            latents = result["latents"].numpy()
+            entry["speedup_vs_1_rank"] = baseline["seconds_per_step"] / entry["seconds_per_step"]
+            entry["psnr_image_db"] = _psnr(np.asarray(result["image"], dtype=np.float64) / 255.0, base_image, 1.0)
+            entry["psnr_latents_db"] = _psnr(latents, base_latents, float(base_latents.max() - base_latents.min()))
+            entry["max_abs_diff_latents"] = float(np.abs(latents - base_latents).max())
+        runs.append(entry)
+    report["runs"] = runs
+    return report

@@ -1,0 +1,332 @@
+"""Exchange engine (ALGORITHMS.md §1).
+
+Strategies never call ``torch.distributed`` for activations themselves; they go through an
+:class:`ExchangeEngine` bound to the process group of their mesh axis, so that every byte
+sent and every second spent waiting is accounted in one :class:`CommStats`.
+
+Three kinds of traffic:
+
+* **blocking collectives** (``all_gather``, ``all_reduce``) for values needed right now
+  (gathering output bands, CFG halves, synchronous steps);
+* **stale slots** (``gather_now`` / ``stale`` / ``enqueue``): DistriFusion's displaced
+  exchange. A slot is registered the first time a layer gathers it (shape, dtype); at the
+  first ``enqueue`` the registered slots are laid out in execution order into static flat
+  buffers, cut into buckets of ``bucket_bytes``. A layer reads its stale copy (which waits the
+  bucket's handle lazily), consumes it, then enqueues its fresh value; when the last slot of a
+  bucket is filled, the bucket goes out as one async all_gather, waited at the next step;
+* **halos** (``post_halo`` / ``halo``): neighbour-only point-to-point exchange with ranks
+  i-1 and i+1 (conv halos, PCPP's partial K/V rows).
+
+Buffers handed out by ``stale`` and ``halo`` are reused by the next exchange of the same
+slot: consume (copy / cat) them before enqueueing or posting the fresh value.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class StepStats:
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    wait_s: float = 0.0
+    collectives: int = 0
+
+
+@dataclass
+class CommStats:
+    """Per-step accounting shared by every engine of one worker."""
+
+    steps: list[StepStats] = field(default_factory=list)
+    current: StepStats = field(default_factory=StepStats)
+
+    def begin_step(self) -> None:
+        self.current = StepStats()
+
+    def end_step(self) -> None:
+        self.steps.append(self.current)
+        self.current = StepStats()
+
+    def reset(self) -> None:
+        self.steps.clear()
+        self.current = StepStats()
+
+
+class _Bucket:
+    def __init__(self, slots: list["_Slot"], world: int, dtype: torch.dtype, device: torch.device):
+        self.slots = slots
+        numel = sum(s.numel for s in slots)
+        self.send = torch.empty(numel, dtype=dtype, device=device)
+        self.recv = [torch.empty(numel, dtype=dtype, device=device) for _ in range(world)]
+        self.filled = 0
+        self.handle = None
+
+
+class _Slot:
+    def __init__(self, name: str, shape: torch.Size, dtype: torch.dtype, world: int, device: torch.device):
+        self.name = name
+        self.shape = shape
+        self.dtype = dtype
+        self.numel = shape.numel()
+        # Before buckets exist each slot owns its buffers; afterwards these become views.
+        self.send = torch.empty(shape, dtype=dtype, device=device)
+        self.recv = [torch.empty(shape, dtype=dtype, device=device) for _ in range(world)]
+        self.bucket: _Bucket | None = None
+
+
+class _Halo:
+    def __init__(self, index: int):
+        self.index = index
+        self.from_prev: torch.Tensor | None = None
+        self.from_next: torch.Tensor | None = None
+        self.works: list = []
+        self.keepalive: list[torch.Tensor] = []
+
+
+class ExchangeEngine:
+    """Communication for one process group (one mesh axis) of one worker."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        stats: CommStats,
+        device: torch.device,
+        bucket_bytes: int = 4 << 20,
+    ):
+        self.group = group
+        self.stats = stats
+        self.device = device
+        self.bucket_bytes = bucket_bytes
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self._slots: dict[str, _Slot] = {}
+        self._slot_order: list[_Slot] = []
+        self._buckets: list[_Bucket] | None = None
+        self._halos: dict[str, _Halo] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _global(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank)
+
+    def _wait(self, work) -> None:
+        t0 = time.perf_counter()
+        work.wait()
+        self.stats.current.wait_s += time.perf_counter() - t0
+
+    def _account_gather(self, nbytes: int) -> None:
+        # Logical traffic of an all_gather: my piece to every peer, every peer's piece to me.
+        self.stats.current.bytes_sent += nbytes * (self.world - 1)
+        self.stats.current.bytes_recv += nbytes * (self.world - 1)
+        self.stats.current.collectives += 1
+
+    # --------------------------------------------------------- blocking collectives
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor, in group-rank order (blocking, timed)."""
+        if self.world == 1:
+            return [tensor]
+        tensor = tensor.contiguous()
+        out = [torch.empty_like(tensor) for _ in range(self.world)]
+        self._account_gather(tensor.numel() * tensor.element_size())
+        self._wait(dist.all_gather(out, tensor, group=self.group, async_op=True))
+        return out
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the group (blocking, timed); returns a new tensor."""
+        if self.world == 1:
+            return tensor
+        out = tensor.contiguous().clone()
+        nbytes = out.numel() * out.element_size()
+        # Ring all-reduce moves about 2 (n-1)/n of the buffer each way.
+        moved = 2 * nbytes * (self.world - 1) // self.world
+        self.stats.current.bytes_sent += moved
+        self.stats.current.bytes_recv += moved
+        self.stats.current.collectives += 1
+        self._wait(dist.all_reduce(out, group=self.group, async_op=True))
+        return out
+
+    # ------------------------------------------------------------------ stale slots
+    def _slot(self, name: str, like: torch.Tensor) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:
+            if self._buckets is not None:
+                raise RuntimeError(
+                    f"exchange slot {name!r} registered after the buffers were laid out; every exchanged "
+                    "tensor must appear in the first (synchronous) step"
+                )
+            slot = _Slot(name, like.shape, like.dtype, self.world, self.device)
+            self._slots[name] = slot
+            self._slot_order.append(slot)
+        elif slot.shape != like.shape or slot.dtype != like.dtype:
+            raise RuntimeError(
+                f"exchange slot {name!r} was registered as {tuple(slot.shape)} {slot.dtype}, now used with "
+                f"{tuple(like.shape)} {like.dtype}; reset the engine between requests of different shapes"
+            )
+        return slot
+
+    def gather_now(self, name: str, fresh: torch.Tensor) -> list[torch.Tensor]:
+        """Blocking all_gather of a slot; the result also serves as the next step's stale copy."""
+        slot = self._slot(name, fresh)
+        if slot.bucket is not None and slot.bucket.handle is not None:
+            self._wait(slot.bucket.handle)
+            slot.bucket.handle = None
+        if self.world == 1:
+            slot.recv[0].copy_(fresh)
+            return slot.recv
+        slot.send.copy_(fresh)
+        self._account_gather(slot.numel * fresh.element_size())
+        # Bucket views are contiguous slices, so the gather lands straight in the static buffers.
+        work = dist.all_gather(slot.recv, slot.send, group=self.group, async_op=True)
+        self._wait(work)
+        return slot.recv
+
+    def stale(self, name: str) -> list[torch.Tensor]:
+        """Every rank's value of this slot from the previous step (waits lazily)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise RuntimeError(f"exchange slot {name!r} has no previous value; run a synchronous step first")
+        bucket = slot.bucket
+        if bucket is not None and bucket.handle is not None:
+            self._wait(bucket.handle)
+            bucket.handle = None
+        return slot.recv
+
+    def enqueue(self, name: str, fresh: torch.Tensor) -> None:
+        """Queue this step's value for the next step; buckets go out when full (async)."""
+        if self._buckets is None:
+            self._layout_buckets()
+        slot = self._slot(name, fresh)
+        bucket = slot.bucket
+        assert bucket is not None
+        if bucket.handle is not None:  # never overwrite a buffer with a collective in flight
+            self._wait(bucket.handle)
+            bucket.handle = None
+        slot.send.copy_(fresh)
+        bucket.filled += 1
+        if bucket.filled == len(bucket.slots):
+            bucket.filled = 0
+            if self.world == 1:
+                bucket.recv[0].copy_(bucket.send)
+                return
+            self._account_gather(bucket.send.numel() * bucket.send.element_size())
+            bucket.handle = dist.all_gather(bucket.recv, bucket.send, group=self.group, async_op=True)
+
+    def _layout_buckets(self) -> None:
+        buckets: list[_Bucket] = []
+        current: list[_Slot] = []
+        current_bytes = 0
+        for slot in self._slot_order:
+            nbytes = slot.numel * slot.send.element_size()
+            if current and (current_bytes + nbytes > self.bucket_bytes or slot.dtype != current[0].dtype):
+                buckets.append(self._make_bucket(current))
+                current, current_bytes = [], 0
+            current.append(slot)
+            current_bytes += nbytes
+        if current:
+            buckets.append(self._make_bucket(current))
+        self._buckets = buckets
+
+    def _make_bucket(self, slots: list[_Slot]) -> _Bucket:
+        bucket = _Bucket(slots, self.world, slots[0].dtype, self.device)
+        offset = 0
+        for slot in slots:
+            send_view = bucket.send[offset : offset + slot.numel].view(slot.shape)
+            recv_views = [r[offset : offset + slot.numel].view(slot.shape) for r in bucket.recv]
+            for dst, src in zip(recv_views, slot.recv):  # keep the last synchronous values
+                dst.copy_(src)
+            slot.send, slot.recv, slot.bucket = send_view, recv_views, bucket
+            offset += slot.numel
+        return bucket
+
+    @property
+    def registered_bytes(self) -> int:
+        return sum(s.numel * s.send.element_size() for s in self._slot_order)
+
+    # ------------------------------------------------------------------------ halos
+    def post_halo(
+        self,
+        name: str,
+        to_prev: torch.Tensor | None,
+        to_next: torch.Tensor | None,
+        from_prev_shape: torch.Size | None = None,
+        from_next_shape: torch.Size | None = None,
+    ) -> None:
+        """Send rows to ranks i-1 / i+1 and post the matching receives (async).
+
+        Receive shapes default to the mirror image (equal bands): what rank i-1 sends down
+        has the shape of what this rank sends down.
+        """
+        halo = self._halos.get(name)
+        if halo is None:
+            halo = self._halos[name] = _Halo(len(self._halos))
+        if halo.works:
+            self._finish_halo(halo)
+        if self.world == 1:
+            return
+        tag_down, tag_up = 2 * halo.index + 1, 2 * halo.index + 2
+        has_prev, has_next = self.rank > 0, self.rank < self.world - 1
+        works, keep = [], []
+        if has_prev:
+            shape = from_prev_shape or to_next.shape  # type: ignore[union-attr]
+            ref = to_next if to_next is not None else to_prev
+            if halo.from_prev is None or halo.from_prev.shape != shape:
+                halo.from_prev = torch.empty(shape, dtype=ref.dtype, device=self.device)
+            works.append(dist.irecv(halo.from_prev, src=self._global(self.rank - 1), group=self.group, tag=tag_down))
+            self.stats.current.bytes_recv += halo.from_prev.numel() * halo.from_prev.element_size()
+            send = to_prev.contiguous()
+            keep.append(send)
+            works.append(dist.isend(send, dst=self._global(self.rank - 1), group=self.group, tag=tag_up))
+            self.stats.current.bytes_sent += send.numel() * send.element_size()
+        if has_next:
+            shape = from_next_shape or to_prev.shape  # type: ignore[union-attr]
+            ref = to_prev if to_prev is not None else to_next
+            if halo.from_next is None or halo.from_next.shape != shape:
+                halo.from_next = torch.empty(shape, dtype=ref.dtype, device=self.device)
+            works.append(dist.irecv(halo.from_next, src=self._global(self.rank + 1), group=self.group, tag=tag_up))
+            self.stats.current.bytes_recv += halo.from_next.numel() * halo.from_next.element_size()
+            send = to_next.contiguous()
+            keep.append(send)
+            works.append(dist.isend(send, dst=self._global(self.rank + 1), group=self.group, tag=tag_down))
+            self.stats.current.bytes_sent += send.numel() * send.element_size()
+        self.stats.current.collectives += 1
+        halo.works, halo.keepalive = works, keep
+
+    def _finish_halo(self, halo: _Halo) -> None:
+        t0 = time.perf_counter()
+        for work in halo.works:
+            work.wait()
+        self.stats.current.wait_s += time.perf_counter() - t0
+        halo.works, halo.keepalive = [], []
+
+    def halo(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(rows from rank i-1, rows from rank i+1) of the last post; None at the image border."""
+        halo = self._halos.get(name)
+        if halo is None:
+            raise RuntimeError(f"halo {name!r} was never posted; run a synchronous step first")
+        if halo.works:
+            self._finish_halo(halo)
+        return (halo.from_prev if self.rank > 0 else None, halo.from_next if self.rank < self.world - 1 else None)
+
+    # ---------------------------------------------------------------------- lifecycle
+    def drain(self) -> None:
+        """Wait every outstanding exchange (end of a request)."""
+        for bucket in self._buckets or []:
+            if bucket.handle is not None:
+                self._wait(bucket.handle)
+                bucket.handle = None
+            bucket.filled = 0
+        for halo in self._halos.values():
+            if halo.works:
+                self._finish_halo(halo)
+
+    def reset(self) -> None:
+        """Forget registered slots and halos (a new request may have other shapes)."""
+        self.drain()
+        self._slots.clear()
+        self._slot_order.clear()
+        self._buckets = None
+        self._halos.clear()

@@ -1,0 +1,159 @@
+"""Plain configuration dataclasses, validated once at the edge (CLI, launcher, server).
+
+Every validation error is a :class:`ConfigError` that names the parameter and the values it
+accepts, and is raised before any worker process is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# Mesh axis order, outermost first. Bandwidth-hungry axes sit innermost so that, with the
+# usual rank numbering, they land on adjacent ranks (same node, NVLink).
+MESH_AXES = ("dp", "pp", "cfg", "patch", "sp", "clip", "ep", "tp")
+# Axes the image path implements today.
+IMAGE_AXES = ("cfg", "patch")
+PATCH_MODES = ("sync", "displaced", "partial", "naive")
+DTYPES = ("fp32", "bf16", "fp16")
+LAUNCHERS = ("auto", "spawn", "torchrun", "ray")
+
+
+class ConfigError(ValueError):
+    """Bad user input, reported before any work is launched."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Degrees on named axes; their product is the number of ranks."""
+
+    degrees: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "ParallelConfig":
+        """Parse ``"cfg=2,patch=2"``. An empty spec means one rank."""
+        degrees: dict[str, int] = {}
+        for item in filter(None, (s.strip() for s in (spec or "").split(","))):
+            name, sep, value = item.partition("=")
+            name = name.strip()
+            if not sep:
+                raise ConfigError(f"--parallel: expected AXIS=DEGREE items like 'cfg=2,patch=2', got {item!r}")
+            if name not in MESH_AXES:
+                raise ConfigError(f"--parallel: unknown axis {name!r}; allowed axes: {', '.join(MESH_AXES)}")
+            if name in degrees:
+                raise ConfigError(f"--parallel: axis {name!r} given twice")
+            try:
+                degree = int(value)
+            except ValueError:
+                raise ConfigError(f"--parallel: degree of {name!r} must be a positive integer, got {value!r}") from None
+            if degree < 1:
+                raise ConfigError(f"--parallel: degree of {name!r} must be a positive integer, got {degree}")
+            degrees[name] = degree
+        return cls(degrees)
+
+    def degree(self, axis: str) -> int:
+        return self.degrees.get(axis, 1)
+
+    @property
+    def world_size(self) -> int:
+        size = 1
+        for d in self.degrees.values():
+            size *= d
+        return size
+
+    @property
+    def mesh_axes(self) -> tuple[tuple[str, int], ...]:
+        """(name, degree) of every axis with degree > 1, outermost first."""
+        return tuple((a, self.degrees[a]) for a in MESH_AXES if self.degrees.get(a, 1) > 1)
+
+    def validate(self, world_size: int, allowed_axes: tuple[str, ...]) -> None:
+        for axis, degree in self.degrees.items():
+            if degree > 1 and axis not in allowed_axes:
+                raise ConfigError(
+                    f"--parallel: axis {axis!r} is not available for this workload; allowed: {', '.join(allowed_axes)}"
+                )
+        if self.world_size != world_size:
+            product = " x ".join(f"{a}={d}" for a, d in self.degrees.items()) or "(none)"
+            raise ConfigError(
+                f"--parallel: the product of the degrees ({product} = {self.world_size}) must equal the number of "
+                f"ranks (--nproc / WORLD_SIZE = {world_size})"
+            )
+
+    def __str__(self) -> str:
+        return ",".join(f"{a}={d}" for a, d in self.degrees.items()) or "none"
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Patch parallelism over latent row bands (ALGORITHMS.md §1-2)."""
+
+    mode: str = "displaced"
+    warmup_steps: int = 4
+    pcpp_fraction: float = 0.3
+
+    def validate(self) -> None:
+        if self.mode not in PATCH_MODES:
+            raise ConfigError(f"--patch-mode: unknown mode {self.mode!r}; allowed: {', '.join(PATCH_MODES)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not (0.0 < self.pcpp_fraction <= 1.0):
+            raise ConfigError(f"--pcpp-fraction must be in (0, 1], got {self.pcpp_fraction}")
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One text-to-image request; every rank runs it with the same seed."""
+
+    prompt: str = "a lighthouse at dusk"
+    negative_prompt: str = ""
+    height: int = 128
+    width: int = 128
+    steps: int = 20
+    guidance_scale: float = 5.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.prompt:
+            raise ConfigError("--prompt must not be empty")
+        for name in ("height", "width", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+
+    @property
+    def guidance_enabled(self) -> bool:
+        # diffusers pipelines switch classifier-free guidance on only for scale > 1.
+        return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """Everything a worker needs to run one image request (picklable, sent to every rank)."""
+
+    request: ImageRequest
+    parallel: ParallelConfig
+    patch: PatchConfig = PatchConfig()
+    model: str | None = None  # local diffusers pipeline directory; None = embedded default
+    dtype: str = "fp32"
+    out: str | None = None  # PNG path written by rank 0
+    progress: bool = True
+    # Benchmark knobs: run the request this many times and keep per-step timings.
+    repeats: int = 1
+    return_latents: bool = False
+    threads_per_rank: int | None = None
+    comm_timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        self.request.validate()
+        self.patch.validate()
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype: unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.parallel.degree("cfg") > 2:
+            raise ConfigError(f"--parallel: cfg degree must be 1 or 2 (the two halves of the guidance batch), got {self.parallel.degree('cfg')}")
+        if self.parallel.degree("cfg") == 2 and not self.request.guidance_enabled:
+            raise ConfigError(
+                f"--parallel cfg=2 needs classifier-free guidance, but --guidance-scale={self.request.guidance_scale} "
+                "disables it (guidance is on only for a scale > 1); use cfg=1 or a scale > 1"
+            )
+
+    def replace(self, **changes) -> "ImageJob":
+        return dataclasses.replace(self, **changes)

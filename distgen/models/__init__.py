@@ -1,0 +1,1 @@
+"""Model adapters (diffusers pipelines) and embedded default models."""

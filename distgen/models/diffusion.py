@@ -1,0 +1,161 @@
+"""Adapter for diffusers text-to-image pipelines saved with ``save_pretrained``.
+
+``inspect_pipeline`` reads only the JSON configs, so the launcher can validate a request
+(supported denoiser, geometry) before any worker starts; ``load_pipeline`` is what each
+worker runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distgen.config import ConfigError, ImageRequest, ParallelConfig
+
+# Denoiser class -> (pipeline attribute, family).
+SUPPORTED_DENOISERS = {
+    "UNet2DConditionModel": ("unet", "unet"),
+    "PixArtTransformer2DModel": ("transformer", "pixart"),
+    "SD3Transformer2DModel": ("transformer", "sd3"),
+}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    path: str
+    pipeline_class: str
+    denoiser_attr: str
+    denoiser_class: str
+    family: str
+    vae_scale_factor: int
+    # Latent rows of a band must be a multiple of this (UNet downsampling / DiT patch size).
+    band_row_multiple: int
+    max_latent_size: int | None  # SD3: positions are cropped from a fixed table
+
+    def pixels_per_band_row(self) -> int:
+        return self.vae_scale_factor * self.band_row_multiple
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--model: {what} not found at {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model: {path} is not valid JSON ({exc})") from None
+
+
+def inspect_pipeline(path: str | Path) -> PipelineInfo:
+    """Identify a local diffusers pipeline directory without loading weights."""
+    root = Path(path)
+    supported = ", ".join(SUPPORTED_DENOISERS)
+    if not root.is_dir():
+        raise ConfigError(f"--model: directory {str(root)!r} does not exist (expected a diffusers pipeline saved with save_pretrained)")
+    index = _read_json(root / "model_index.json", "model_index.json (not a diffusers pipeline directory?)")
+    denoiser_attr = next((a for a in ("unet", "transformer") if isinstance(index.get(a), list) and index[a][1]), None)
+    if denoiser_attr is None:
+        raise ConfigError(f"--model: {root} has no 'unet' or 'transformer' component; supported denoisers: {supported}")
+    denoiser_class = index[denoiser_attr][1]
+    if denoiser_class not in SUPPORTED_DENOISERS:
+        raise ConfigError(f"--model: denoiser {denoiser_class} is not supported; supported denoisers: {supported}")
+    config = _read_json(root / denoiser_attr / "config.json", f"{denoiser_attr}/config.json")
+    vae_scale = 8
+    if isinstance(index.get("vae"), list):
+        vae_config = _read_json(root / "vae" / "config.json", "vae/config.json")
+        vae_scale = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    family = SUPPORTED_DENOISERS[denoiser_class][1]
+    max_latent = None
+    if family == "unet":
+        multiple = 2 ** (len(config.get("down_block_types", [])) - 1)
+    else:
+        multiple = int(config.get("patch_size", 2))
+        if config.get("pos_embed_max_size"):
+            max_latent = int(config["pos_embed_max_size"]) * multiple
+    return PipelineInfo(
+        path=str(root),
+        pipeline_class=index.get("_class_name", "?"),
+        denoiser_attr=denoiser_attr,
+        denoiser_class=denoiser_class,
+        family=family,
+        vae_scale_factor=vae_scale,
+        band_row_multiple=multiple,
+        max_latent_size=max_latent,
+    )
+
+
+def validate_geometry(info: PipelineInfo, request: ImageRequest, parallel: ParallelConfig) -> None:
+    """Height/width against the VAE, the denoiser's downsampling and the patch grid."""
+    patch = parallel.degree("patch")
+    width_multiple = info.pixels_per_band_row()
+    height_multiple = width_multiple * patch
+    if request.width % width_multiple:
+        raise ConfigError(
+            f"--width {request.width} must be a multiple of {width_multiple} for this model "
+            f"(VAE factor {info.vae_scale_factor} x denoiser factor {info.band_row_multiple})"
+        )
+    latent_rows = request.height // info.vae_scale_factor
+    if patch > 1 and latent_rows // info.band_row_multiple < patch:
+        raise ConfigError(
+            f"--parallel patch={patch}: {request.height} px gives {latent_rows} latent rows, enough for at most "
+            f"{latent_rows // info.band_row_multiple} bands of {info.band_row_multiple} rows; use fewer ranks on "
+            "the patch axis or a taller image"
+        )
+    if request.height % height_multiple:
+        raise ConfigError(
+            f"--height {request.height} must be a multiple of {height_multiple} for patch={patch} on this model "
+            f"(VAE factor {info.vae_scale_factor} x denoiser factor {info.band_row_multiple} x patch degree {patch})"
+        )
+    if info.max_latent_size is not None:
+        for name, value in (("height", request.height), ("width", request.width)):
+            if value // info.vae_scale_factor > info.max_latent_size:
+                raise ConfigError(
+                    f"--{name} {value} exceeds this model's position table "
+                    f"({info.max_latent_size * info.vae_scale_factor} px)"
+                )
+
+
+def load_pipeline(path: str | Path, dtype: str, device: torch.device):
+    from diffusers import DiffusionPipeline
+
+    # Components saved as [null, null] (e.g. SD3 without its T5 encoder) must be passed as None.
+    index = _read_json(Path(path) / "model_index.json", "model_index.json")
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None and v[1] is None}
+    pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype], **absent)
+    return pipe.to(device)
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def pipeline_kwargs(pipe, request: ImageRequest, generator: torch.Generator) -> dict:
+    """Arguments of the pipeline's own ``__call__`` for a request (latents out, decoded later)."""
+    kwargs = dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        generator=generator,
+        output_type="latent",
+    )
+    if type(pipe).__name__.startswith("PixArt"):
+        # Keep the requested size (no aspect-ratio bins) and skip caption cleaning (needs bs4).
+        kwargs.update(use_resolution_binning=False, clean_caption=False)
+    return kwargs
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor):
+    """Latents -> list of PIL images, as the pipeline would decode them."""
+    vae = pipe.vae
+    latents = latents.to(vae.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = latents / vae.config.scaling_factor + shift
+    image = vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")

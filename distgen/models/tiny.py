@@ -1,0 +1,243 @@
+"""Embedded default pipelines, built deterministically from configs (no download).
+
+Random weights: images look like structured noise, but every rank computes exactly what a
+single device computes, so they are real workloads for correctness and speed. Pipelines are
+saved with ``save_pretrained`` (safetensors) and loaded back through the user's path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("unet", "pixart", "sd3")
+DEFAULT_MODEL = "tiny-sd"
+# Name -> (family, denoiser config overrides, default image size in pixels).
+# ``dit-bench`` is the compute-dominated preset: a PixArt DiT of 8 layers, hidden 512
+# (8 heads x 64), ~30 M denoiser parameters, 1024 image tokens at 128x128 px.
+PRESETS: dict[str, tuple[str, dict, int]] = {
+    "tiny-sd": ("unet", {}, 128),
+    "tiny-pixart": ("pixart", {}, 128),
+    "tiny-sd3": ("sd3", {}, 128),
+    "unet-bench": ("unet", {"block_out_channels": (64, 128), "layers_per_block": 2}, 128),
+    "dit-bench": ("pixart", {"num_layers": 8, "num_attention_heads": 8, "attention_head_dim": 64}, 128),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DISTGEN_CACHE", Path.home() / ".cache" / "distgen"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte-to-printable map of GPT-2/CLIP byte-level BPE.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def build_tokenizer(max_length: int = 77):
+    """A CLIP byte-level BPE tokenizer with a character vocabulary (no merges)."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def _clip_text_encoder(vocab_size: int, hidden: int, with_projection: bool = False, projection_dim: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _vae(latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+
+
+def build_pipeline(family: str = "unet", seed: int = 0, **overrides):
+    """A tiny text-to-image pipeline of one denoiser family, weights from ``seed``.
+
+    Components are in eval mode, as ``from_pretrained`` leaves them (T5 has dropout).
+    """
+    pipe = _build_pipeline(family, seed, **overrides)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+def _build_pipeline(family: str, seed: int, **overrides):
+    from diffusers import (
+        DDIMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    if family == "unet":
+        unet_config = dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        unet_config.update(overrides)
+        return StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=_clip_text_encoder(vocab, 32),
+            tokenizer=tokenizer,
+            unet=UNet2DConditionModel(**unet_config),
+            scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if family == "pixart":
+        from transformers import T5Config, T5EncoderModel
+
+        dit_config = dict(
+            sample_size=16,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            in_channels=4,
+            out_channels=8,
+            cross_attention_dim=None,
+            caption_channels=32,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            use_additional_conditions=False,
+        )
+        dit_config.update(overrides)
+        dit_config["cross_attention_dim"] = dit_config["num_attention_heads"] * dit_config["attention_head_dim"]
+        text_encoder = T5EncoderModel(
+            T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+        )
+        return PixArtAlphaPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=_vae(),
+            transformer=PixArtTransformer2DModel(**dit_config),
+            scheduler=DDIMScheduler(steps_offset=1),
+        )
+    sd3_config = dict(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=96,
+    )
+    sd3_config.update(overrides)
+    tokenizer_2 = build_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**sd3_config),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(),
+        text_encoder=_clip_text_encoder(vocab, 16, with_projection=True, projection_dim=32),
+        tokenizer=tokenizer,
+        text_encoder_2=_clip_text_encoder(vocab, 16, with_projection=True, projection_dim=32),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def save_pipeline(pipe, directory: str | os.PathLike) -> Path:
+    """``save_pretrained`` into ``directory`` atomically (build in a sibling temp dir, rename)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, directory)
+        except OSError:
+            if not (directory / "model_index.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def preset_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Directory of an embedded preset, built and cached on first use (safe across processes)."""
+    if name not in PRESETS:
+        from distgen.config import ConfigError
+
+        raise ConfigError(f"--preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    directory = cache_root() / "models" / f"{name}-v1"
+    if (directory / "model_index.json").exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / "model_index.json").exists():
+            family, overrides, _ = PRESETS[name]
+            save_pipeline(build_pipeline(family, seed=0, **overrides), directory)
+    return directory

@@ -1,0 +1,1 @@
+"""Per-rank runtime: process groups, device mesh, request runners."""

@@ -1,0 +1,84 @@
+"""Runs text-to-image requests on one rank: load the pipeline, apply strategies, time steps.
+
+The pipeline's own ``__call__`` (its sampling loop, scheduler and guidance) runs unchanged on
+every rank with the same seed; only the denoiser is parallelised, by ``distgen.parallel``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from distgen.comm import CommStats, ExchangeEngine
+from distgen.config import ImageJob, ImageRequest
+from distgen.models import diffusion as adapter
+from distgen.parallel import cfg as cfg_parallel
+from distgen.parallel import patch as patch_parallel
+from distgen.runtime.dist import WorkerContext
+
+
+@dataclass
+class ImageResult:
+    latents: torch.Tensor
+    step_seconds: list[float] = field(default_factory=list)
+    bytes_sent: list[int] = field(default_factory=list)
+    bytes_recv: list[int] = field(default_factory=list)
+    wait_seconds: list[float] = field(default_factory=list)
+    images: list | None = None
+
+
+class DiffusionRunner:
+    def __init__(self, job: ImageJob, ctx: WorkerContext, model_dir: str):
+        self.job = job
+        self.ctx = ctx
+        self.pipe = adapter.load_pipeline(model_dir, job.dtype, ctx.device)
+        self.pipe.set_progress_bar_config(disable=not (job.progress and ctx.rank == 0), desc="denoising")
+        self.denoiser = adapter.denoiser_of(self.pipe)
+        self.stats = CommStats()
+        self.patch_state = None
+        # Strategy order matters only for the pre-hooks: cfg splits the batch first.
+        patch_group = ctx.group("patch")
+        if patch_group is not None:
+            engine = ExchangeEngine(patch_group, self.stats, ctx.device)
+            self.patch_state = patch_parallel.apply(self.denoiser, engine, job.patch)
+        cfg_group = ctx.group("cfg")
+        if cfg_group is not None:
+            cfg_parallel.apply(self.denoiser, ExchangeEngine(cfg_group, self.stats, ctx.device))
+        self._step_started = 0.0
+        self._step_seconds: list[float] = []
+        self.denoiser.register_forward_pre_hook(self._begin_step, prepend=True)
+        self.denoiser.register_forward_hook(self._end_step)
+
+    def _begin_step(self, module, args):
+        self.stats.begin_step()
+        self._step_started = time.perf_counter()
+
+    def _end_step(self, module, args, output):
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        self._step_seconds.append(time.perf_counter() - self._step_started)
+        self.stats.end_step()
+
+    @torch.no_grad()
+    def generate(self, request: ImageRequest, decode: bool) -> ImageResult:
+        self.stats.reset()
+        self._step_seconds = []
+        if self.patch_state is not None:
+            self.patch_state.new_request()
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        output = self.pipe(**adapter.pipeline_kwargs(self.pipe, request, generator))
+        latents = output.images
+        if self.patch_state is not None:
+            self.patch_state.engine.drain()
+        result = ImageResult(
+            latents=latents.float().cpu(),
+            step_seconds=list(self._step_seconds),
+            bytes_sent=[s.bytes_sent for s in self.stats.steps],
+            bytes_recv=[s.bytes_recv for s in self.stats.steps],
+            wait_seconds=[s.wait_s for s in self.stats.steps],
+        )
+        if decode:
+            result.images = adapter.decode_latents(self.pipe, latents)
+        return result

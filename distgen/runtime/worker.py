@@ -1,0 +1,61 @@
+"""The per-rank entry point every launcher calls (torchrun, local spawn, Ray actors)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from distgen.config import ImageJob
+from distgen.runtime.dist import init_worker, shutdown_worker
+
+
+def resolve_model_dir(model: str | None) -> str:
+    from distgen.models.tiny import DEFAULT_MODEL, preset_dir
+
+    return str(preset_dir(DEFAULT_MODEL)) if model is None else model
+
+
+def run_worker(job: Any) -> dict | None:
+    """Run ``job`` as this process's rank; rank 0 returns a picklable result dict."""
+    if not isinstance(job, ImageJob):
+        raise TypeError(f"unsupported job type {type(job).__name__}")
+    ctx = init_worker(job.parallel, timeout_s=job.comm_timeout_s, threads=job.threads_per_rank)
+    try:
+        fault = os.environ.get("DISTGEN_INJECT_FAULT")
+        if fault is not None and int(fault) == ctx.rank:
+            # Test hook: one rank fails while the others go on into collectives.
+            raise RuntimeError(f"injected fault on rank {ctx.rank}")
+        return _run_image(job, ctx)
+    finally:
+        shutdown_worker()
+
+
+def _run_image(job: ImageJob, ctx) -> dict | None:
+    from distgen.runtime.diffusion import DiffusionRunner
+
+    runner = DiffusionRunner(job, ctx, resolve_model_dir(job.model))
+    results = []
+    for repeat in range(job.repeats):
+        last = repeat == job.repeats - 1
+        decode = last and ctx.rank == 0
+        results.append(runner.generate(job.request, decode=decode))
+    if ctx.rank != 0:
+        return None
+    final = results[-1]
+    if job.out:
+        os.makedirs(os.path.dirname(os.path.abspath(job.out)) or ".", exist_ok=True)
+        final.images[0].save(job.out)
+    return {
+        "out": job.out,
+        "latents": final.latents if job.return_latents else None,
+        "image": final.images[0] if final.images else None,
+        "runs": [
+            {
+                "step_seconds": r.step_seconds,
+                "bytes_sent": r.bytes_sent,
+                "bytes_recv": r.bytes_recv,
+                "wait_seconds": r.wait_seconds,
+            }
+            for r in results
+        ],
+    }
