@@ -12,7 +12,6 @@ import statistics
 import time
 
 import numpy as np
-import torch
 
 from distgen.config import ConfigError, PATCH_MODES
 
@@ -100,4 +99,9 @@ def bench_image(args) -> dict:
             entry["max_abs_diff_latents"] = float(np.abs(latents - base_latents).max())
         runs.append(entry)
     report["runs"] = runs
+    by_mode = {r["patch_mode"]: r for r in runs}
+    if "partial" in by_mode and "displaced" in by_mode and by_mode["displaced"]["bytes_sent_per_rank_per_step"]:
+        report["partial_over_displaced_bytes"] = (
+            by_mode["partial"]["bytes_sent_per_rank_per_step"] / by_mode["displaced"]["bytes_sent_per_rank_per_step"]
+        )
     return report

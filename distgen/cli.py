@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from distgen.config import LAUNCHERS, PATCH_MODES, ConfigError, ImageJob, ImageRequest, ParallelConfig, PatchConfig, IMAGE_AXES
 
 
@@ -138,6 +140,7 @@ def _generate_image(args) -> int:
     return 0
 
 
+@record  # under torchrun, the failing rank's message lands in the error summary
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -268,30 +268,31 @@ class ExchangeEngine:
         if self.world == 1:
             return
         tag_down, tag_up = 2 * halo.index + 1, 2 * halo.index + 2
-        has_prev, has_next = self.rank > 0, self.rank < self.world - 1
-        works, keep = [], []
-        if has_prev:
+        ops, keep = [], []
+        if self.rank > 0:
             shape = from_prev_shape or to_next.shape  # type: ignore[union-attr]
-            ref = to_next if to_next is not None else to_prev
             if halo.from_prev is None or halo.from_prev.shape != shape:
-                halo.from_prev = torch.empty(shape, dtype=ref.dtype, device=self.device)
-            works.append(dist.irecv(halo.from_prev, src=self._global(self.rank - 1), group=self.group, tag=tag_down))
-            self.stats.current.bytes_recv += halo.from_prev.numel() * halo.from_prev.element_size()
+                halo.from_prev = torch.empty(shape, dtype=to_prev.dtype, device=self.device)
             send = to_prev.contiguous()
             keep.append(send)
-            works.append(dist.isend(send, dst=self._global(self.rank - 1), group=self.group, tag=tag_up))
+            prev = self._global(self.rank - 1)
+            ops.append(dist.P2POp(dist.irecv, halo.from_prev, prev, self.group, tag_down))
+            ops.append(dist.P2POp(dist.isend, send, prev, self.group, tag_up))
+            self.stats.current.bytes_recv += halo.from_prev.numel() * halo.from_prev.element_size()
             self.stats.current.bytes_sent += send.numel() * send.element_size()
-        if has_next:
+        if self.rank < self.world - 1:
             shape = from_next_shape or to_prev.shape  # type: ignore[union-attr]
-            ref = to_prev if to_prev is not None else to_next
             if halo.from_next is None or halo.from_next.shape != shape:
-                halo.from_next = torch.empty(shape, dtype=ref.dtype, device=self.device)
-            works.append(dist.irecv(halo.from_next, src=self._global(self.rank + 1), group=self.group, tag=tag_up))
-            self.stats.current.bytes_recv += halo.from_next.numel() * halo.from_next.element_size()
+                halo.from_next = torch.empty(shape, dtype=to_next.dtype, device=self.device)
             send = to_next.contiguous()
             keep.append(send)
-            works.append(dist.isend(send, dst=self._global(self.rank + 1), group=self.group, tag=tag_down))
+            nxt = self._global(self.rank + 1)
+            ops.append(dist.P2POp(dist.irecv, halo.from_next, nxt, self.group, tag_up))
+            ops.append(dist.P2POp(dist.isend, send, nxt, self.group, tag_down))
+            self.stats.current.bytes_recv += halo.from_next.numel() * halo.from_next.element_size()
             self.stats.current.bytes_sent += send.numel() * send.element_size()
+        # One batch: on NCCL, separately issued sends/receives between two ranks can deadlock.
+        works = dist.batch_isend_irecv(ops)
         self.stats.current.collectives += 1
         halo.works, halo.keepalive = works, keep
 

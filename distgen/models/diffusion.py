@@ -124,7 +124,7 @@ def load_pipeline(path: str | Path, dtype: str, device: torch.device):
     # Components saved as [null, null] (e.g. SD3 without its T5 encoder) must be passed as None.
     index = _read_json(Path(path) / "model_index.json", "model_index.json")
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None and v[1] is None}
-    pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype], **absent)
+    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=TORCH_DTYPES[dtype], **absent)
     return pipe.to(device)
 
 

@@ -15,8 +15,20 @@ def resolve_model_dir(model: str | None) -> str:
     return str(preset_dir(DEFAULT_MODEL)) if model is None else model
 
 
+def quiet_libraries() -> None:
+    """Workers print our progress bar and errors, not N copies of the libraries' chatter."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def run_worker(job: Any) -> dict | None:
     """Run ``job`` as this process's rank; rank 0 returns a picklable result dict."""
+    quiet_libraries()
     if not isinstance(job, ImageJob):
         raise TypeError(f"unsupported job type {type(job).__name__}")
     ctx = init_worker(job.parallel, timeout_s=job.comm_timeout_s, threads=job.threads_per_rank)
