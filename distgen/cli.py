@@ -1,4 +1,8 @@
-"""Command line: ``distgen generate image``, ``distgen bench image``.
+"""Command line: ``distgen generate <kind>``, ``distgen bench <kind>``.
+
+Each workload adds its subcommands through a ``register(generate_kinds, bench_kinds)``
+function (modules listed in ``WORKLOAD_COMMANDS``); every subparser sets ``handler`` to a
+function ``handler(args) -> exit code``.
 
 Everything is validated here, before any worker starts. Under torchrun every process runs
 this same command and becomes one rank (SPMD); otherwise ``--nproc N`` spawns the ranks
@@ -8,6 +12,7 @@ locally, or ``--launcher ray`` hands them to a Ray controller.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -39,26 +44,41 @@ def _add_image_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> Non
     parser.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distgen", description="Distributed inference for generative models")
-    commands = parser.add_subparsers(dest="command", required=True)
+# Modules with a register(generate_kinds, bench_kinds) function, one per workload.
+WORKLOAD_COMMANDS: tuple[str, ...] = ()
 
-    generate = commands.add_parser("generate", help="generate an image")
-    generate_kinds = generate.add_subparsers(dest="kind", required=True)
+
+def _register_image(generate_kinds, bench_kinds) -> None:
     image = generate_kinds.add_parser("image", help="text-to-image with a diffusers pipeline")
     _add_image_arguments(image, bench=False)
     image.add_argument("--out", default="out.png", help="PNG written by rank 0")
     image.add_argument("--no-progress", action="store_true")
+    image.set_defaults(handler=_generate_image)
 
-    bench = commands.add_parser("bench", help="benchmark, prints one JSON object")
-    bench_kinds = bench.add_subparsers(dest="kind", required=True)
     bench_image = bench_kinds.add_parser("image", help="patch / cfg parallelism vs one rank, in one run")
     _add_image_arguments(bench_image, bench=True)
     bench_image.add_argument("--preset", default="tiny-sd", help="embedded model preset (ignored with --model)")
     bench_image.add_argument("--repeats", type=int, default=1, help="requests per configuration (steps are pooled)")
     bench_image.add_argument("--threads-per-rank", type=int, default=1)
     bench_image.add_argument("--no-baseline", action="store_true", help="skip the single-rank run")
+    bench_image.set_defaults(handler=_bench_image)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distgen", description="Distributed inference for generative models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="generate images, video or text")
+    generate_kinds = generate.add_subparsers(dest="kind", required=True)
+    bench = commands.add_parser("bench", help="benchmark, prints one JSON object")
+    bench_kinds = bench.add_subparsers(dest="kind", required=True)
+    _register_image(generate_kinds, bench_kinds)
+    for module in WORKLOAD_COMMANDS:
+        importlib.import_module(module).register(generate_kinds, bench_kinds)
     return parser
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
 
 
 def prepare_image_job(args, patch_mode: str | None = None, model_dir: str | None = None) -> tuple[ImageJob, int]:
@@ -140,25 +160,24 @@ def _generate_image(args) -> int:
     return 0
 
 
+def _bench_image(args) -> int:
+    from distgen.bench import bench_image
+
+    print_json(bench_image(args))
+    return 0
+
+
 @record  # under torchrun, the failing rank's message lands in the error summary
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "generate" and args.kind == "image":
-            return _generate_image(args)
-        if args.command == "bench" and args.kind == "image":
-            from distgen.bench import bench_image
+    from distgen.launch.local import WorkerError
 
-            print(json.dumps(bench_image(args), indent=2))
-            return 0
+    try:
+        return args.handler(args)
     except ConfigError as exc:
         print(f"distgen: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from distgen.launch.local import WorkerError
-
-        if isinstance(exc, WorkerError):
-            print(f"distgen: error: {exc}", file=sys.stderr)
-            return 1
-        raise
-    return 2
+    except (WorkerError, ConnectionError) as exc:
+        # A rank failed (its message and traceback are in exc) or the cluster is unreachable.
+        print(f"distgen: error: {exc}", file=sys.stderr)
+        return 1

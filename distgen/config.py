@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 # Mesh axis order, outermost first. Bandwidth-hungry axes sit innermost so that, with the
 # usual rank numbering, they land on adjacent ranks (same node, NVLink).
@@ -128,6 +129,11 @@ class ImageRequest:
 @dataclass(frozen=True)
 class ImageJob:
     """Everything a worker needs to run one image request (picklable, sent to every rank)."""
+
+    # Every job type names the per-rank function that runs it ("module:function"); it is
+    # called as fn(job, ctx) by distgen.runtime.worker.run_worker under every launcher.
+    # Jobs also carry `parallel`, `comm_timeout_s` and `threads_per_rank`.
+    entry: ClassVar[str] = "distgen.runtime.worker:run_image_job"
 
     request: ImageRequest
     parallel: ParallelConfig

@@ -62,11 +62,19 @@ def spawn(job: Any, nproc: int, timeout_s: float | None = None, threads_per_rank
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
+    # Children read OMP_NUM_THREADS at start-up; set it only while starting them.
+    saved_threads = os.environ.get("OMP_NUM_THREADS")
     if threads_per_rank:
         os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)
     procs = [ctx.Process(target=_entry, args=(r, nproc, port, job, results), daemon=False) for r in range(nproc)]
-    for p in procs:
-        p.start()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_threads
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     rank0_result, finished = None, set()
     try:

@@ -53,6 +53,35 @@ def _engine_worker(rank, world, port, errors):
         else:
             assert from_next is None
         engine.drain()
+
+        # Async all-reduce: in place, result after wait(), bytes accounted as a ring all-reduce.
+        stats.begin_step()
+        partial = torch.full((3,), float(rank + 1))
+        pending = engine.all_reduce_async(partial)
+        total = pending.wait()
+        assert total is partial and total.tolist() == [world * (world + 1) / 2] * 3
+        assert stats.current.bytes_sent == 2 * 12 * (world - 1) // world
+
+        # Uneven all-to-all (rank r sends r+p rows to peer p, some ranks send nothing to 0).
+        send_counts = [rank + p for p in range(world)]
+        recv_counts = [q + rank for q in range(world)]
+        rows = torch.cat([torch.full((c, 2), float(100 * rank + p)) for p, c in enumerate(send_counts)])
+        got = engine.all_to_all(rows, send_counts, recv_counts)
+        expected = torch.cat([torch.full((c, 2), float(100 * q + rank)) for q, c in enumerate(recv_counts)])
+        assert torch.equal(got, expected)
+        sent_to = stats.current.sent_to
+        assert sent_to == {p: (rank + p) * 8 for p in range(world) if p != rank and rank + p > 0}
+
+        # Ring shift and point-to-point exchange.
+        received = engine.shift(torch.tensor([float(rank)])).wait()
+        assert received.item() == (rank - 1) % world
+        if world >= 2:
+            peer = rank ^ 1
+            if peer < world:
+                buf = torch.empty(2)
+                got = engine.exchange({peer: torch.tensor([rank, rank + 0.5])}, {peer: buf}).wait()
+                assert got[peer].tolist() == [peer, peer + 0.5]
+        stats.end_step()
         dist.destroy_process_group()
     except BaseException:
         errors.put(f"rank {rank}: {traceback.format_exc()}")

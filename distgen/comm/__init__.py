@@ -1,5 +1,5 @@
 """The exchange engine: the one place where activations cross ranks."""
 
-from distgen.comm.engine import CommStats, ExchangeEngine, StepStats
+from distgen.comm.engine import CommStats, ExchangeEngine, Pending, StepStats
 
-__all__ = ["CommStats", "ExchangeEngine", "StepStats"]
+__all__ = ["CommStats", "ExchangeEngine", "Pending", "StepStats"]

@@ -36,6 +36,8 @@ class StepStats:
     bytes_recv: int = 0
     wait_s: float = 0.0
     collectives: int = 0
+    # bytes this rank sent to each peer (global rank) by point-to-point / all-to-all traffic
+    sent_to: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +88,33 @@ class _Halo:
         self.from_next: torch.Tensor | None = None
         self.works: list = []
         self.keepalive: list[torch.Tensor] = []
+
+
+class Pending:
+    """An async exchange in flight; ``wait()`` returns its result and accounts the wait.
+
+    Holds the buffers it sends from and receives into until waited: never write to them
+    before, and keep this object referenced (ALGORITHMS.md §6).
+    """
+
+    def __init__(self, stats: CommStats, works: list, result, keepalive: tuple = ()):
+        self._stats = stats
+        self._works = works
+        self._result = result
+        self._keepalive = keepalive
+
+    @property
+    def done(self) -> bool:
+        return not self._works
+
+    def wait(self):
+        if self._works:
+            t0 = time.perf_counter()
+            for work in self._works:
+                work.wait()
+            self._stats.current.wait_s += time.perf_counter() - t0
+            self._works, self._keepalive = [], ()
+        return self._result
 
 
 class ExchangeEngine:
@@ -148,6 +177,109 @@ class ExchangeEngine:
         self.stats.current.collectives += 1
         self._wait(dist.all_reduce(out, group=self.group, async_op=True))
         return out
+
+    def all_reduce_async(self, tensor: torch.Tensor) -> Pending:
+        """Sum over the group in place, asynchronously; ``wait()`` returns ``tensor``.
+
+        Used where the result is needed one sub-block later (Ladder Residual): the caller
+        must not touch ``tensor`` until waited.
+        """
+        if self.world == 1:
+            return Pending(self.stats, [], tensor)
+        if not tensor.is_contiguous():
+            raise ValueError("all_reduce_async needs a contiguous tensor (it reduces in place)")
+        nbytes = tensor.numel() * tensor.element_size()
+        moved = 2 * nbytes * (self.world - 1) // self.world
+        self.stats.current.bytes_sent += moved
+        self.stats.current.bytes_recv += moved
+        self.stats.current.collectives += 1
+        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        return Pending(self.stats, [work], tensor)
+
+    def all_to_all(
+        self,
+        tensor: torch.Tensor,
+        send_counts: list[int] | None = None,
+        recv_counts: list[int] | None = None,
+        async_op: bool = False,
+    ):
+        """Rows of ``tensor`` (dim 0) scattered to the group, block ``i`` to group rank ``i``.
+
+        Even split when the counts are omitted (Ulysses); uneven with per-rank row counts
+        (expert parallelism, where a rank may send or receive nothing). Returns the received
+        rows in group-rank order, or a :class:`Pending` of them with ``async_op``.
+        """
+        tensor = tensor.contiguous()
+        rows = tensor.shape[0]
+        if send_counts is None:
+            if rows % self.world:
+                raise ValueError(f"all_to_all: {rows} rows do not split evenly over {self.world} ranks")
+            send_counts = [rows // self.world] * self.world
+        if recv_counts is None:
+            recv_counts = list(send_counts)
+        if len(send_counts) != self.world or len(recv_counts) != self.world or sum(send_counts) != rows:
+            raise ValueError(f"all_to_all: counts {send_counts}/{recv_counts} do not match {rows} rows, {self.world} ranks")
+        out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
+        if self.world == 1:
+            out.copy_(tensor)
+            return Pending(self.stats, [], out) if async_op else out
+        row_bytes = torch.Size(tensor.shape[1:]).numel() * tensor.element_size()
+        current = self.stats.current
+        for peer, count in enumerate(send_counts):
+            if peer != self.rank:
+                current.bytes_sent += count * row_bytes
+                g = self._global(peer)
+                current.sent_to[g] = current.sent_to.get(g, 0) + count * row_bytes
+        current.bytes_recv += sum(c for i, c in enumerate(recv_counts) if i != self.rank) * row_bytes
+        current.collectives += 1
+        work = dist.all_to_all_single(
+            out, tensor, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
+            group=self.group, async_op=True,
+        )
+        pending = Pending(self.stats, [work], out, keepalive=(tensor,))
+        return pending if async_op else pending.wait()
+
+    def exchange(
+        self,
+        sends: dict[int, torch.Tensor],
+        recvs: dict[int, torch.Tensor],
+        tag: int = 0,
+    ) -> Pending:
+        """Point-to-point: send ``sends[peer]`` and receive into ``recvs[peer]`` (group ranks).
+
+        All posted as one ``batch_isend_irecv`` (separately issued NCCL P2P ops between the
+        same two ranks can deadlock). Pipeline stages and ring attention use this; receives
+        can be posted ahead of the sends that will match them on the peer.
+        """
+        if self.world == 1 or (not sends and not recvs):
+            return Pending(self.stats, [], recvs)
+        ops = []
+        current = self.stats.current
+        keep = []
+        for peer, buf in recvs.items():
+            ops.append(dist.P2POp(dist.irecv, buf, self._global(peer), self.group, tag))
+            current.bytes_recv += buf.numel() * buf.element_size()
+        for peer, t in sends.items():
+            t = t.contiguous()
+            keep.append(t)
+            g = self._global(peer)
+            ops.append(dist.P2POp(dist.isend, t, g, self.group, tag))
+            nbytes = t.numel() * t.element_size()
+            current.bytes_sent += nbytes
+            current.sent_to[g] = current.sent_to.get(g, 0) + nbytes
+        current.collectives += 1
+        return Pending(self.stats, dist.batch_isend_irecv(ops), recvs, keepalive=tuple(keep))
+
+    def shift(self, tensor: torch.Tensor, offset: int = 1) -> Pending:
+        """Send ``tensor`` to rank ``i+offset`` and receive rank ``i-offset``'s (ring); async."""
+        if self.world == 1:
+            return Pending(self.stats, [], tensor)
+        dst = (self.rank + offset) % self.world
+        src = (self.rank - offset) % self.world
+        buf = torch.empty_like(tensor)
+        pending = self.exchange({dst: tensor}, {src: buf})
+        pending._result = buf
+        return pending
 
     # ------------------------------------------------------------------ stale slots
     def _slot(self, name: str, like: torch.Tensor) -> _Slot:

@@ -45,7 +45,13 @@ def init_worker(parallel: ParallelConfig, timeout_s: float = 300.0, threads: int
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():
+            # Two ranks on one GPU would silently halve each other's memory and speed.
+            raise RuntimeError(
+                f"rank {rank} has LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+                "start at most one rank per GPU"
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

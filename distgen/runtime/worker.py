@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -29,20 +30,23 @@ def quiet_libraries() -> None:
 def run_worker(job: Any) -> dict | None:
     """Run ``job`` as this process's rank; rank 0 returns a picklable result dict."""
     quiet_libraries()
-    if not isinstance(job, ImageJob):
-        raise TypeError(f"unsupported job type {type(job).__name__}")
+    entry = getattr(type(job), "entry", None)
+    if not isinstance(entry, str) or ":" not in entry:
+        raise TypeError(f"unsupported job type {type(job).__name__} (no 'module:function' entry)")
+    module_name, _, function_name = entry.partition(":")
+    run = getattr(importlib.import_module(module_name), function_name)
     ctx = init_worker(job.parallel, timeout_s=job.comm_timeout_s, threads=job.threads_per_rank)
     try:
         fault = os.environ.get("DISTGEN_INJECT_FAULT")
         if fault is not None and int(fault) == ctx.rank:
             # Test hook: one rank fails while the others go on into collectives.
             raise RuntimeError(f"injected fault on rank {ctx.rank}")
-        return _run_image(job, ctx)
+        return run(job, ctx)
     finally:
         shutdown_worker()
 
 
-def _run_image(job: ImageJob, ctx) -> dict | None:
+def run_image_job(job: ImageJob, ctx) -> dict | None:
     from distgen.runtime.diffusion import DiffusionRunner
 
     runner = DiffusionRunner(job, ctx, resolve_model_dir(job.model))
