@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from distgen.config import ConfigError, PATCH_MODES
+from distgen.config import ConfigError, PATCH_MODES, SP_MODES, ParallelConfig
 
 
 def _psnr(output: np.ndarray, reference: np.ndarray, value_range: float) -> float:
@@ -40,6 +40,10 @@ def bench_image(args) -> dict:
     from distgen.cli import launch, prepare_image_job
     from distgen.models.tiny import PRESETS, preset_dir
 
+    sp_modes = [m.strip() for m in args.sp_mode.split(",") if m.strip()]
+    for mode in sp_modes:
+        if mode not in SP_MODES:
+            raise ConfigError(f"--sp-mode: unknown mode {mode!r}; allowed: {', '.join(SP_MODES)}")
     model_dir = args.model or str(preset_dir(args.preset))
     if args.model is None:
         size = PRESETS[args.preset][2]
@@ -50,10 +54,15 @@ def bench_image(args) -> dict:
     for mode in modes:
         if mode not in PATCH_MODES:
             raise ConfigError(f"--patch-mode: unknown mode {mode!r}; allowed: {', '.join(PATCH_MODES)}")
+    # With an sp axis the runs compare sequence-parallel modes (patch modes do not apply).
+    mode_key = "sp_mode" if ParallelConfig.parse(args.parallel).degree("sp") > 1 else "patch_mode"
     # Validate every configuration before launching any.
     jobs = []
-    for mode in modes:
-        job, nproc = prepare_image_job(args, patch_mode=mode, model_dir=model_dir)
+    for mode in (sp_modes if mode_key == "sp_mode" else modes):
+        if mode_key == "sp_mode":
+            job, nproc = prepare_image_job(args, patch_mode=modes[0], model_dir=model_dir, sp_mode=mode)
+        else:
+            job, nproc = prepare_image_job(args, patch_mode=mode, model_dir=model_dir, sp_mode=(sp_modes or ["ulysses"])[0])
         jobs.append((mode, job, nproc))
     knobs = dict(return_latents=True, progress=False, repeats=args.repeats, threads_per_rank=args.threads_per_rank)
     skip = max(1, args.warmup_steps)
@@ -86,7 +95,7 @@ def bench_image(args) -> dict:
                         args.timeout, args.ray_address, threads_per_rank=args.threads_per_rank)
         entry = {
             "parallel": str(job.parallel),
-            "patch_mode": mode,
+            mode_key: mode,
             "nproc": nproc,
             **_summarise(result, skip),
             "wall_seconds": time.perf_counter() - started,
@@ -99,7 +108,12 @@ def bench_image(args) -> dict:
             entry["max_abs_diff_latents"] = float(np.abs(latents - base_latents).max())
         runs.append(entry)
     report["runs"] = runs
-    by_mode = {r["patch_mode"]: r for r in runs}
+    by_sp_mode = {r["sp_mode"]: r for r in runs if "sp_mode" in r}
+    if "ring" in by_sp_mode and "ulysses" in by_sp_mode and by_sp_mode["ulysses"]["bytes_sent_per_rank_per_step"]:
+        report["ring_over_ulysses_bytes"] = (
+            by_sp_mode["ring"]["bytes_sent_per_rank_per_step"] / by_sp_mode["ulysses"]["bytes_sent_per_rank_per_step"]
+        )
+    by_mode = {r["patch_mode"]: r for r in runs if "patch_mode" in r}
     if "partial" in by_mode and "displaced" in by_mode and by_mode["displaced"]["bytes_sent_per_rank_per_step"]:
         report["partial_over_displaced_bytes"] = (
             by_mode["partial"]["bytes_sent_per_rank_per_step"] / by_mode["displaced"]["bytes_sent_per_rank_per_step"]

@@ -19,6 +19,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from distgen.config import SP_MODES
 from distgen.config import LAUNCHERS, PATCH_MODES, ConfigError, ImageJob, ImageRequest, ParallelConfig, PatchConfig, IMAGE_AXES
 
 
@@ -36,6 +37,8 @@ def _add_image_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> Non
     parser.add_argument("--patch-mode", default="displaced", help=f"{mode_help}: {', '.join(PATCH_MODES)}")
     parser.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps before stale context is used")
     parser.add_argument("--pcpp-fraction", type=float, default=0.3, help="partial mode: fraction of each neighbour band attended")
+    sp_help = "comma list of sp modes to compare" if bench else "sequence parallelism (DiTs)"
+    parser.add_argument("--sp-mode", default="ulysses" if not bench else "ulysses,ring", help=f"{sp_help}: {', '.join(SP_MODES)}")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     parser.add_argument("--nproc", type=int, default=None, help="ranks to start (default: product of --parallel degrees)")
     parser.add_argument("--launcher", default="auto", choices=LAUNCHERS, help="auto: torchrun if run under it, else spawn")
@@ -45,7 +48,7 @@ def _add_image_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> Non
 
 
 # Modules with a register(generate_kinds, bench_kinds) function, one per workload.
-WORKLOAD_COMMANDS: tuple[str, ...] = ()
+WORKLOAD_COMMANDS: tuple[str, ...] = ("distgen.cli_text", "distgen.cli_video")
 
 
 def _register_image(generate_kinds, bench_kinds) -> None:
@@ -81,7 +84,9 @@ def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
-def prepare_image_job(args, patch_mode: str | None = None, model_dir: str | None = None) -> tuple[ImageJob, int]:
+def prepare_image_job(
+    args, patch_mode: str | None = None, model_dir: str | None = None, sp_mode: str | None = None
+) -> tuple[ImageJob, int]:
     """Validate everything a user can get wrong; returns the job and the number of ranks."""
     from distgen.models import diffusion as adapter
     from distgen.models.tiny import DEFAULT_MODEL, preset_dir
@@ -110,6 +115,7 @@ def prepare_image_job(args, patch_mode: str | None = None, model_dir: str | None
         request=request,
         parallel=parallel,
         patch=patch,
+        sp_mode=sp_mode or args.sp_mode,
         model=model_dir or args.model,
         dtype=args.dtype,
         comm_timeout_s=args.comm_timeout,
@@ -118,6 +124,9 @@ def prepare_image_job(args, patch_mode: str | None = None, model_dir: str | None
     model = job.model if job.model is not None else str(preset_dir(DEFAULT_MODEL))
     info = adapter.inspect_pipeline(model)
     adapter.validate_geometry(info, request, parallel)
+    from distgen.parallel import sequence
+
+    sequence.validate_image(info, request, parallel, job.sp_mode)
     return job.replace(model=model), nproc
 
 
@@ -156,7 +165,8 @@ def _generate_image(args) -> int:
     if result is not None:
         steps = result["runs"][-1]["step_seconds"]
         print(f"wrote {result['out']} ({job.request.width}x{job.request.height}, {len(steps)} steps, "
-              f"parallel {job.parallel} mode {job.patch.mode}, {sum(steps):.2f} s in the denoiser)")
+              f"parallel {job.parallel} mode {job.sp_mode if job.parallel.degree('sp') > 1 else job.patch.mode}, "
+              f"{sum(steps):.2f} s in the denoiser)")
     return 0
 
 

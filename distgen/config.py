@@ -14,8 +14,10 @@ from typing import ClassVar
 # usual rank numbering, they land on adjacent ranks (same node, NVLink).
 MESH_AXES = ("dp", "pp", "cfg", "patch", "sp", "clip", "ep", "tp")
 # Axes the image path implements today.
-IMAGE_AXES = ("cfg", "patch")
+IMAGE_AXES = ("cfg", "patch", "sp")
 PATCH_MODES = ("sync", "displaced", "partial", "naive")
+# Sequence parallelism for DiTs (distgen.parallel.sequence): all-to-all over heads, or a K/V ring.
+SP_MODES = ("ulysses", "ring")
 DTYPES = ("fp32", "bf16", "fp16")
 LAUNCHERS = ("auto", "spawn", "torchrun", "ray")
 
@@ -138,6 +140,7 @@ class ImageJob:
     request: ImageRequest
     parallel: ParallelConfig
     patch: PatchConfig = PatchConfig()
+    sp_mode: str = "ulysses"  # with an sp axis: "ulysses" or "ring"
     model: str | None = None  # local diffusers pipeline directory; None = embedded default
     dtype: str = "fp32"
     out: str | None = None  # PNG path written by rank 0
@@ -151,6 +154,13 @@ class ImageJob:
     def validate(self) -> None:
         self.request.validate()
         self.patch.validate()
+        if self.sp_mode not in SP_MODES:
+            raise ConfigError(f"--sp-mode: unknown mode {self.sp_mode!r}; allowed: {', '.join(SP_MODES)}")
+        if self.parallel.degree("sp") > 1 and self.parallel.degree("patch") > 1:
+            raise ConfigError(
+                f"--parallel: patch and sp both split the image tokens; use one of them "
+                f"(got patch={self.parallel.degree('patch')}, sp={self.parallel.degree('sp')})"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype: unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.parallel.degree("cfg") > 2:

@@ -178,6 +178,29 @@ class ExchangeEngine:
         self._wait(dist.all_reduce(out, group=self.group, async_op=True))
         return out
 
+    def gather(self, tensor: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+        """Every rank's tensor (equal shapes), in group-rank order, at group rank ``dst`` only.
+
+        Blocking, timed; other ranks get None. For results one rank writes (a video's
+        frames): unlike ``all_gather``, the other ranks never hold the whole.
+        """
+        if self.world == 1:
+            return [tensor]
+        tensor = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        current = self.stats.current
+        current.collectives += 1
+        if self.rank == dst:
+            out = [torch.empty_like(tensor) for _ in range(self.world)]
+            current.bytes_recv += nbytes * (self.world - 1)
+        else:
+            out = None
+            current.bytes_sent += nbytes
+            g = self._global(dst)
+            current.sent_to[g] = current.sent_to.get(g, 0) + nbytes
+        self._wait(dist.gather(tensor, out, dst=self._global(dst), group=self.group, async_op=True))
+        return out
+
     def all_reduce_async(self, tensor: torch.Tensor) -> Pending:
         """Sum over the group in place, asynchronously; ``wait()`` returns ``tensor``.
 

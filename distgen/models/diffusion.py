@@ -120,6 +120,9 @@ def validate_geometry(info: PipelineInfo, request: ImageRequest, parallel: Paral
 
 def load_pipeline(path: str | Path, dtype: str, device: torch.device):
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # one loading bar per rank is noise; ours shows the steps
 
     # Components saved as [null, null] (e.g. SD3 without its T5 encoder) must be passed as None.
     index = _read_json(Path(path) / "model_index.json", "model_index.json")

@@ -16,6 +16,7 @@ from distgen.config import ImageJob, ImageRequest
 from distgen.models import diffusion as adapter
 from distgen.parallel import cfg as cfg_parallel
 from distgen.parallel import patch as patch_parallel
+from distgen.parallel import sequence as sequence_parallel
 from distgen.runtime.dist import WorkerContext
 
 
@@ -43,6 +44,11 @@ class DiffusionRunner:
         if patch_group is not None:
             engine = ExchangeEngine(patch_group, self.stats, ctx.device)
             self.patch_state = patch_parallel.apply(self.denoiser, engine, job.patch)
+        self.sp_state = None
+        sp_group = ctx.group("sp")
+        if sp_group is not None:
+            engine = ExchangeEngine(sp_group, self.stats, ctx.device)
+            self.sp_state = sequence_parallel.apply(self.denoiser, engine, job.sp_mode)
         cfg_group = ctx.group("cfg")
         if cfg_group is not None:
             cfg_parallel.apply(self.denoiser, ExchangeEngine(cfg_group, self.stats, ctx.device))

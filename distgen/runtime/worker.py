@@ -17,14 +17,21 @@ def resolve_model_dir(model: str | None) -> str:
 
 
 def quiet_libraries() -> None:
-    """Workers print our progress bar and errors, not N copies of the libraries' chatter."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    """Workers print our progress bar and errors, not N copies of the libraries' chatter.
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    Through the libraries' environment variables (read when they are first imported), so a
+    worker that never needs diffusers or transformers does not pay for importing them.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import sys
+
+    for name in ("diffusers", "transformers"):  # already imported (spawned workers inherit nothing, torchrun may)
+        if name in sys.modules:
+            logging = importlib.import_module(f"{name}.utils.logging")
+            logging.set_verbosity_error()
+            logging.disable_progress_bar()
 
 
 def run_worker(job: Any) -> dict | None:

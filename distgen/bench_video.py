@@ -1,0 +1,179 @@
+"""``distgen bench video``: clip modes vs one rank, and the sync-overhead table, in one run.
+
+Every configuration runs the same request (same seed) in fresh worker processes:
+
+* the single-rank baseline;
+* ``exact``, ``dual-scope``, ``dual-scope --stale-context`` and ``naive`` (``--modes``);
+* Video-Infinity's synchronisation-overhead table: no exchange (= naive) -> + temporal conv
+  halos -> + GroupNorm statistics -> + attention context (= dual-scope), each measured.
+
+Seconds per step are medians over denoiser calls after the warmup (the same calls for every
+configuration, so the stale variant is timed in its stale phase); bytes and waits are per
+rank per step; fidelity is PSNR of latents and decoded frames against the single-rank output;
+boundary consistency compares the jump between the last frame of a clip and the first of the
+next with the jumps inside clips (1.0: seams invisible).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import numpy as np
+
+from distgen.config import ConfigError
+from distgen.config_video import CLIP_MODES, ClipConfig
+
+# The rows of the overhead table: what is exchanged, cumulatively.
+OVERHEAD_ROWS = (("no exchange", ()), ("+ conv", ("conv",)), ("+ GroupNorm", ("conv", "norm")),
+                 ("+ attention", ("conv", "norm", "attention")))
+
+
+def psnr(output: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR over the reference's value range (dB)."""
+    output, reference = output.astype(np.float64), reference.astype(np.float64)
+    mse = float(np.mean((output - reference) ** 2))
+    value_range = float(reference.max() - reference.min())
+    return float("inf") if mse == 0 else 10.0 * np.log10(value_range**2 / mse)
+
+
+def boundary_consistency(video: np.ndarray, lengths: list[int], frame_axis: int) -> dict:
+    """Mean |frame k+1 - frame k| across clip boundaries and inside clips, and their ratio."""
+    frames = np.moveaxis(video.astype(np.float64), frame_axis, 0)
+    jumps = np.abs(frames[1:] - frames[:-1]).reshape(frames.shape[0] - 1, -1).mean(axis=1)
+    ends = set(np.cumsum(lengths)[:-1] - 1)
+    boundary = [jumps[k] for k in sorted(ends)]
+    inside = [jumps[k] for k in range(len(jumps)) if k not in ends]
+    b = float(np.mean(boundary)) if boundary else float("nan")
+    i = float(np.mean(inside)) if inside else float("nan")
+    return {"boundary_mad": b, "inside_mad": i, "ratio": b / i if inside and i else float("nan")}
+
+
+def _variants(spec: str, headline: ClipConfig) -> list[tuple[str, ClipConfig]]:
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        mode, _, extra = item.partition("+")
+        if mode not in CLIP_MODES or extra not in ("", "stale"):
+            raise ConfigError(f"--modes: unknown variant {item!r}; use modes {', '.join(CLIP_MODES)}, optionally with '+stale'")
+        out.append((item, dataclasses.replace(headline, mode=mode, stale_context=extra == "stale")))
+    return out
+
+
+def _summarise(result: dict, skip: int, frames: int) -> dict:
+    steps = [s for run in result["runs"] for s in run["step_seconds"][skip:]]
+    wait = [w for run in result["runs"] for w in run["wait_seconds"][skip:]]
+    if not steps:
+        raise ConfigError(f"--steps must exceed the {skip} warmup denoiser calls to time steady-state steps")
+    per_rank = result["per_rank"]
+    total = result["runs"][-1]["total_seconds"]
+    return {
+        "seconds_per_step": statistics.median(steps),
+        "bytes_sent_per_rank_per_step": [int(r["bytes_sent_per_step"]) for r in per_rank],
+        "wait_seconds_per_step": statistics.median(wait),
+        "wait_seconds_per_step_per_rank": [r["wait_seconds_per_step"] for r in per_rank],
+        "peak_memory_mb_per_rank": [round(r["peak_memory_mb"], 1) for r in per_rank],
+        "peak_increase_mb_per_rank": [round(r["peak_memory_mb"] - r["start_memory_mb"], 1) for r in per_rank],
+        "request_seconds": total,
+        "output_frames_per_second": frames / total,
+    }
+
+
+def bench_video(args) -> dict:
+    from distgen.cli import launch
+    from distgen.cli_video import prepare_video_job, resolve_model
+
+    model_dir, _ = resolve_model(args)
+    args.steps = args.steps or 8
+    # Validate every configuration before launching any.
+    headline_job, nproc = prepare_video_job(args, model_dir=model_dir)
+    clip_degree = headline_job.parallel.degree("clip")
+    if clip_degree < 2:
+        raise ConfigError("bench video compares clip modes: give --parallel with clip=N (N >= 2)")
+    headline = headline_job.clip
+    variants = _variants(args.modes, headline)
+    if not args.no_overhead_table:
+        for label, exchanges in OVERHEAD_ROWS[1:3]:
+            variants.append((f"dual-scope exchanging {'+'.join(exchanges)}",
+                             dataclasses.replace(headline, mode="dual-scope", stale_context=False, exchanges=exchanges)))
+    jobs = [(name, prepare_video_job(args, clip=clip, model_dir=model_dir)[0]) for name, clip in variants]
+    knobs = dict(return_latents=True, return_frames=True, progress=False, repeats=args.repeats,
+                 threads_per_rank=args.threads_per_rank, out=None)
+    skip = max(1, args.warmup_steps)
+    request = headline_job.request
+    launcher = args.launcher if args.launcher != "auto" else "spawn"
+
+    report: dict = {
+        "workload": "video",
+        "model": model_dir,
+        "preset": None if args.model else args.preset,
+        "frames": request.frames,
+        "height": request.height,
+        "width": request.width,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "parallel": str(headline_job.parallel),
+        "nproc": nproc,
+        "clip_config": {"local_frames": headline.local_frames, "global_frames": headline.global_frames,
+                        "scope_switch_t": headline.scope_switch_t, "warmup_steps": headline.warmup_steps},
+        "dtype": args.dtype,
+        "threads_per_rank": args.threads_per_rank,
+        "timed_steps": f"median over denoiser calls {skip}..{request.steps - 1}",
+    }
+    baseline = None
+    if not args.no_baseline:
+        base_job = headline_job.replace(parallel=type(headline_job.parallel)({}), **knobs)
+        base = launch(base_job, 1, "spawn", args.timeout, threads_per_rank=args.threads_per_rank)
+        baseline = {"nproc": 1, **_summarise(base, skip, request.frames)}
+        report["baseline"] = baseline
+        base_latents = base["latents"].numpy()
+        base_frames = base["frames"].numpy()
+    runs = []
+    for name, job in jobs:
+        result = launch(job.replace(**knobs), nproc, launcher, args.timeout, args.ray_address,
+                        threads_per_rank=args.threads_per_rank)
+        lengths = result["clip_lengths"]
+        latents, frames = result["latents"].numpy(), result["frames"].numpy()
+        entry = {
+            "variant": name,
+            "clip_mode": job.clip.mode,
+            "stale_context": job.clip.stale_context,
+            "exchanges": sorted(job.clip.active_exchanges),
+            "clip_lengths": lengths,
+            **_summarise(result, skip, request.frames),
+            "boundary_consistency_frames": boundary_consistency(frames, lengths, frame_axis=0),
+            "boundary_consistency_latents": boundary_consistency(latents, lengths, frame_axis=2),
+        }
+        if baseline is not None:
+            entry["speedup_vs_1_rank"] = baseline["seconds_per_step"] / entry["seconds_per_step"]
+            entry["psnr_frames_db"] = psnr(frames, base_frames)
+            entry["psnr_latents_db"] = psnr(latents, base_latents)
+            entry["max_abs_diff_latents"] = float(np.abs(latents - base_latents).max())
+        runs.append(entry)
+    report["runs"] = runs
+    if baseline is not None:
+        lengths = runs[0]["clip_lengths"]
+        baseline["boundary_consistency_frames"] = boundary_consistency(base_frames, lengths, frame_axis=0)
+        baseline["boundary_consistency_latents"] = boundary_consistency(base_latents, lengths, frame_axis=2)
+    by_name = {r["variant"]: r for r in runs}
+    naive = by_name.get("naive")
+    if naive is not None:
+        def overhead(row):
+            return 100.0 * (row["seconds_per_step"] / naive["seconds_per_step"] - 1.0)
+
+        table = []
+        if not args.no_overhead_table and "dual-scope" in by_name:
+            for label, exchanges in OVERHEAD_ROWS:
+                row = {"no exchange": naive, "+ attention": by_name["dual-scope"]}.get(label) or \
+                    by_name[f"dual-scope exchanging {'+'.join(exchanges)}"]
+                table.append({"step": label, "seconds_per_step": row["seconds_per_step"],
+                              "overhead_vs_no_exchange_pct": overhead(row)})
+            report["sync_overhead_table"] = table
+        report["full_sync_overhead_vs_naive_pct"] = {
+            name: overhead(by_name[name]) for name in ("exact", "dual-scope", "dual-scope+stale", "exact+stale") if name in by_name
+        }
+    head = "dual-scope" if headline.mode == "dual-scope" else headline.mode
+    head += "+stale" if headline.stale_context else ""
+    if head in by_name and baseline is not None:
+        report["headline"] = {"variant": head, "speedup_vs_1_rank": by_name[head]["speedup_vs_1_rank"],
+                              **{f"{n}_speedup": by_name[n]["speedup_vs_1_rank"] for n in ("exact", "naive") if n in by_name}}
+    return report

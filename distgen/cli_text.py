@@ -1,0 +1,185 @@
+"""``distgen generate text`` and ``distgen bench text``.
+
+Everything a user can get wrong is checked here, before any worker starts: the checkpoint
+(files present and readable, a supported architecture), tp against heads / KV heads / MLP
+columns, pp against the layer count, --ladder-layers against the layer count, the prompt
+against the model's context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from distgen.config import DTYPES, LAUNCHERS, ConfigError, ParallelConfig
+
+LADDER_CAVEAT = (
+    "Ladder Residual is a different function from the standard residual: converting the upper {k} layer(s) of a "
+    "checkpoint trained with the standard wiring is a speed study only; the output quality needs a checkpoint "
+    "trained (or retrained) with ladder_layers={k}."
+)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer); "
+                             "default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--parallel", default="", help="degrees per axis, e.g. 'tp=2,pp=2' (axes: tp, pp)")
+    parser.add_argument("--ladder-layers", type=int, default=None,
+                        help="run the upper K layers with Ladder Residual wiring (default: the checkpoint's "
+                             "config.json 'ladder_layers', else 0)")
+    parser.add_argument("--micro-batches", type=int, default=None,
+                        help="pipeline micro-batches (default: pp, at most the batch size)")
+    parser.add_argument("--dtype", default="fp32", help=f"{', '.join(DTYPES)}")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks to start (default: product of --parallel degrees)")
+    parser.add_argument("--launcher", default="auto", choices=LAUNCHERS, help="auto: torchrun if run under it, else spawn")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster or a local one)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the whole job is stopped")
+    parser.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+
+
+def register(generate_kinds, bench_kinds) -> None:
+    text = generate_kinds.add_parser("text", help="text generation with a Llama-family checkpoint (tp, pp, Ladder)")
+    _add_common(text)
+    text.add_argument("--prompt", action="append", default=None,
+                      help="prompt text; repeat for a batch (default: a short question)")
+    text.add_argument("--chat", default="auto", choices=("auto", "on", "off"),
+                      help="wrap each prompt as a user message in the checkpoint's chat template "
+                           "(auto: when the tokenizer has one)")
+    text.add_argument("--system", default=None, help="system message for the chat template")
+    text.add_argument("--max-new-tokens", type=int, default=64)
+    text.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    text.add_argument("--top-p", type=float, default=1.0)
+    text.add_argument("--seed", type=int, default=0)
+    text.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    text.set_defaults(handler=generate_text)
+
+    bench = bench_kinds.add_parser("text", help="standard vs Ladder tensor parallelism vs one rank, in one run")
+    _add_common(bench)
+    bench.add_argument("--preset", default="llama-bench",
+                       help="embedded model when --model is not given: llama-bench (default; a random ~160 M "
+                            "Llama, hidden 1024, 8 layers, 16/8 heads: tp 1, 2, 4, 8), smollm2 (tp 1 or 3), tiny")
+    bench.add_argument("--batch-size", default="1", help="comma list of batch sizes, e.g. 1,8")
+    bench.add_argument("--compare", default="standard,ladder,no-comm",
+                       help="comma list of wirings: standard, ladder (all layers unless --ladder-layers), "
+                            "no-comm (every tp all-reduce skipped: wrong output, the speed ceiling)")
+    bench.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (random ids)")
+    bench.add_argument("--max-new-tokens", type=int, default=32, help="decoding steps measured per request")
+    bench.add_argument("--repeats", type=int, default=3, help="measured requests per wiring and batch size "
+                                                                "(wirings alternate; medians are reported)")
+    bench.add_argument("--threads-per-rank", type=int, default=1)
+    bench.add_argument("--no-baseline", action="store_true", help="skip the single-rank run")
+    bench.set_defaults(handler=bench_text)
+
+
+def resolve_nproc(args, parallel: ParallelConfig) -> int:
+    from distgen.cli import in_torchrun_env
+
+    if args.nproc is not None:
+        nproc = args.nproc
+    elif in_torchrun_env():
+        nproc = int(os.environ["WORLD_SIZE"])
+    else:
+        nproc = parallel.world_size
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    return nproc
+
+
+def default_model_dir() -> str:
+    from distgen.models import smollm2
+
+    return str(smollm2.model_dir())
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: str, system: str | None) -> list[list[int]]:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat == "on" and not has_template:
+        raise ConfigError("--chat on: this checkpoint's tokenizer has no chat template; use --chat off")
+    encoded = []
+    for prompt in prompts:
+        if chat == "on" or (chat == "auto" and has_template):
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        encoded.append(list(ids))
+    return encoded
+
+
+def prepare_text_job(args):
+    """Validate and tokenize; returns (job, nproc, tokenizer, checkpoint)."""
+    from distgen.models.checkpoint import load_tokenizer, open_checkpoint
+    from distgen.runtime.text import TextJob, TextRequest, check_job
+
+    parallel = ParallelConfig.parse(args.parallel)
+    nproc = resolve_nproc(args, parallel)
+    model = args.model or default_model_dir()
+    checkpoint = open_checkpoint(model)
+    tokenizer = load_tokenizer(checkpoint.directory)
+    prompts = args.prompt or ["Explain tensor parallelism in one sentence."]
+    if any(not p for p in prompts):
+        raise ConfigError("--prompt must not be empty")
+    prompt_ids = encode_prompts(tokenizer, prompts, args.chat, args.system)
+    eos = set(checkpoint.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+    request = TextRequest(
+        prompt_ids=tuple(tuple(p) for p in prompt_ids),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_ids=() if args.ignore_eos else tuple(sorted(eos)),
+        pad_token_id=int(pad),
+    )
+    job = TextJob(requests=(request,), parallel=parallel, model=checkpoint.directory, dtype=args.dtype,
+                  ladder_layers=args.ladder_layers, micro_batches=args.micro_batches, comm_timeout_s=args.comm_timeout)
+    check_job(job, checkpoint, nproc)
+    return job, nproc, tokenizer, checkpoint
+
+
+def ladder_note(job, checkpoint) -> str | None:
+    k = job.ladder_layers
+    if k is not None and k > checkpoint.config.ladder_layers:
+        return LADDER_CAVEAT.format(k=k)
+    return None
+
+
+def generate_text(args) -> int:
+    from distgen.cli import launch
+
+    job, nproc, tokenizer, checkpoint = prepare_text_job(args)
+    note = ladder_note(job, checkpoint)
+    from distgen.launch.local import in_torchrun
+
+    rank0 = not in_torchrun() or os.environ.get("RANK", "0") == "0"
+    if note and rank0:
+        print(f"distgen: note: {note}", file=sys.stderr)
+    result = launch(job, nproc, args.launcher, args.timeout, args.ray_address)
+    if result is None:
+        return 0
+    run = result["results"][0]
+    for i, ids in enumerate(run["tokens"]):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if len(run["tokens"]) > 1:
+            print(f"--- [{i}] {args.prompt[i]!r}")
+        print(text)
+    new_tokens = sum(len(t) for t in run["tokens"])
+    decode_steps = max(1, len(run["step_tokens"]) - 1)
+    print(f"distgen: {new_tokens} new tokens, prefill {run['prefill_seconds']:.2f} s, decode "
+          f"{run['decode_seconds']:.2f} s ({run['decode_seconds'] / decode_steps * 1000:.1f} ms/step); parallel "
+          f"{job.parallel}, ladder layers {result['config']['ladder_layers']}/{result['config']['num_layers']}, "
+          f"model {checkpoint.directory}", file=sys.stderr)
+    return 0
+
+
+def bench_text(args) -> int:
+    from distgen.bench_text import bench_text as run_bench
+    from distgen.cli import print_json
+
+    print_json(run_bench(args))
+    return 0

@@ -1,0 +1,144 @@
+"""``distgen generate video`` and ``distgen bench video`` (registered through ``WORKLOAD_COMMANDS``).
+
+Everything is validated here, before any worker starts: axes, degrees, modes, the model
+directory, sizes and frames against the VAE, the denoiser, the clip ranks and the frame
+position table, and the attention windows against the video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from distgen.config import LAUNCHERS, SP_MODES, ConfigError, ParallelConfig
+from distgen.config_video import CLIP_MODES, VIDEO_AXES, ClipConfig, VideoJob, VideoRequest
+
+
+def _add_video_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> None:
+    parser.add_argument("--prompt", default="a paper boat drifting down a river")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--frames", type=int, default=None, help="frames of output video (default: the preset's / 16)")
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the preset's / the model's)")
+    parser.add_argument("--width", type=int, default=None, help="pixels (default: the preset's / the model's)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; bench: 8)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fps", type=int, default=8, help="frame rate written into the video file")
+    parser.add_argument("--model", default=None, help="local diffusers video pipeline directory (save_pretrained layout)")
+    parser.add_argument("--preset", default="t2v-bench" if bench else "tiny-t2v",
+                        help="embedded model preset when --model is not given")
+    parser.add_argument("--parallel", default="", help="degrees per axis, e.g. 'clip=2' or 'cfg=2,clip=4' (axes: %s)" % ", ".join(VIDEO_AXES))
+    parser.add_argument("--clip-mode", default="dual-scope",
+                        help=f"clip parallelism: {', '.join(CLIP_MODES)}" + ("; bench: the headline mode (all are measured)" if bench else ""))
+    parser.add_argument("--stale-context", action="store_true",
+                        help="use the previous step's halos, K/V and statistics (exchanges overlap compute)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="synchronous denoiser calls before --stale-context applies")
+    parser.add_argument("--local-frames", type=int, default=None, help="dual-scope: attention window of +-N frames (default min(8, smallest clip))")
+    parser.add_argument("--global-frames", type=int, default=None, help="dual-scope: frames sampled across the video (default min(16, frames/4))")
+    parser.add_argument("--scope-switch-t", type=float, default=800.0, help="dual-scope: global emphasis for t >= this, local below")
+    parser.add_argument("--sp-mode", default="ulysses", help=f"sequence parallelism (video DiTs): {', '.join(SP_MODES)}")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks to start (default: product of --parallel degrees)")
+    parser.add_argument("--launcher", default="auto", choices=LAUNCHERS, help="auto: torchrun if run under it, else spawn")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster or a local one)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the whole job is stopped")
+    parser.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+
+
+def register(generate_kinds, bench_kinds) -> None:
+    video = generate_kinds.add_parser("video", help="text-to-video (TextToVideoSD / AnimateDiff / Wan pipelines)")
+    _add_video_arguments(video, bench=False)
+    video.add_argument("--out", default="out.mp4", help=".mp4 / .mkv / .mov / .webm, or a directory (ending in /) for PNG frames")
+    video.add_argument("--no-progress", action="store_true")
+    video.set_defaults(handler=_generate_video)
+
+    bench = bench_kinds.add_parser("video", help="clip modes vs one rank and the sync-overhead table, in one run")
+    _add_video_arguments(bench, bench=True)
+    bench.add_argument("--modes", default="exact,dual-scope,dual-scope+stale,naive",
+                       help="variants to measure; '+stale' adds --stale-context")
+    bench.add_argument("--no-overhead-table", action="store_true", help="skip the + conv / + GroupNorm runs")
+    bench.add_argument("--repeats", type=int, default=1, help="requests per configuration (steps are pooled)")
+    bench.add_argument("--threads-per-rank", type=int, default=1)
+    bench.add_argument("--no-baseline", action="store_true", help="skip the single-rank run")
+    bench.set_defaults(handler=_bench_video)
+
+
+def resolve_model(args) -> tuple[str, tuple[int, int, int] | None]:
+    """The model directory and, for an embedded preset, its default (frames, height, width)."""
+    if args.model is not None:
+        return args.model, None
+    from distgen.models.tiny_video import VIDEO_PRESETS, video_preset_dir
+
+    if args.preset not in VIDEO_PRESETS:
+        raise ConfigError(f"--preset: unknown video preset {args.preset!r}; allowed: {', '.join(VIDEO_PRESETS)}")
+    return str(video_preset_dir(args.preset)), VIDEO_PRESETS[args.preset][2]
+
+
+def prepare_video_job(args, clip: ClipConfig | None = None, model_dir: str | None = None) -> tuple[VideoJob, int]:
+    """Validate everything a user can get wrong; returns the job and the number of ranks."""
+    from distgen.cli import in_torchrun_env
+    from distgen.models import video as adapter
+
+    parallel = ParallelConfig.parse(args.parallel)
+    if args.nproc is not None:
+        nproc = args.nproc
+    elif in_torchrun_env():
+        nproc = int(os.environ["WORLD_SIZE"])
+    else:
+        nproc = parallel.world_size
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    parallel.validate(nproc, VIDEO_AXES)
+    if clip is None:
+        clip = ClipConfig(
+            mode=args.clip_mode, stale_context=args.stale_context, warmup_steps=args.warmup_steps,
+            local_frames=args.local_frames, global_frames=args.global_frames, scope_switch_t=args.scope_switch_t,
+        )
+    clip.validate()
+    resolved_dir, preset_size = resolve_model(args)
+    model_dir = model_dir or resolved_dir
+    info = adapter.inspect_video_pipeline(model_dir)
+    frames, height, width = preset_size or info.default_size
+    request = VideoRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        frames=args.frames or frames,
+        height=args.height or height,
+        width=args.width or width,
+        steps=args.steps or 20,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        fps=args.fps,
+    )
+    job = VideoJob(request=request, parallel=parallel, clip=clip, sp_mode=args.sp_mode, model=model_dir,
+                   dtype=args.dtype, comm_timeout_s=args.comm_timeout, out=getattr(args, "out", None))
+    job.validate()
+    resolved = adapter.validate_video(info, request, parallel, clip, job.sp_mode)
+    return job.replace(clip=resolved), nproc
+
+
+def _generate_video(args) -> int:
+    from distgen.cli import launch
+
+    job, nproc = prepare_video_job(args)
+    job = job.replace(progress=not args.no_progress)
+    result = launch(job, nproc, args.launcher, args.timeout, args.ray_address)
+    if result is not None:
+        steps = result["runs"][-1]["step_seconds"]
+        r = job.request
+        mode = ""
+        if job.parallel.degree("clip") > 1:
+            mode = f" clip mode {job.clip.mode}" + (" (stale context)" if job.clip.stale_context else "")
+        elif job.parallel.degree("sp") > 1:
+            mode = f" sp mode {job.sp_mode}"
+        print(f"wrote {result['out']} ({r.frames} frames {r.width}x{r.height}, {len(steps)} denoiser calls, "
+              f"parallel {job.parallel}{mode}, {sum(steps):.2f} s in the denoiser)")
+    return 0
+
+
+def _bench_video(args) -> int:
+    from distgen.bench_video import bench_video
+    from distgen.cli import print_json
+
+    print_json(bench_video(args))
+    return 0

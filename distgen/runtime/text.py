@@ -1,0 +1,367 @@
+"""Text generation on one rank: the job, the generation loop, sampling.
+
+Every rank builds the model on the meta device, lets the strategies shard it
+(``distgen.parallel.pipeline`` keeps this stage's layers, ``distgen.parallel.tensor`` this
+rank's heads and columns), loads only its slices of the checkpoint, then runs the same loop:
+a batched prefill of the left-padded prompts, then one decoding step per new token, each
+split into micro-batches (pipeline parallelism keeps several in flight). Sampling uses one
+generator per sequence seeded from the request, so every rank, and every parallel layout,
+draws the same tokens from the same logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from distgen.comm import CommStats, ExchangeEngine
+from distgen.config import DTYPES, ConfigError, ParallelConfig
+
+TEXT_AXES = ("pp", "tp")
+# Residual wirings a benchmark alternates between in the same processes (TextJob.wirings):
+# standard; Ladder on the upper TextJob.ladder_layers layers (all when None); standard with every
+# tp all-reduce skipped (wrong output: the speed ceiling).
+WIRINGS = ("standard", "ladder", "no-comm")
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """One batch of prompts (already tokenized), decoded together."""
+
+    prompt_ids: tuple[tuple[int, ...], ...]
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] = ()  # empty: never stop early
+    pad_token_id: int = 0
+
+    def validate(self) -> None:
+        if not self.prompt_ids or any(len(p) == 0 for p in self.prompt_ids):
+            raise ConfigError("--prompt must not be empty")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be a positive integer, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompt_ids)
+
+
+@dataclass(frozen=True)
+class TextJob:
+    """Everything a worker needs to run text requests (picklable, sent to every rank)."""
+
+    entry: ClassVar[str] = "distgen.runtime.text:run_text_job"
+
+    requests: tuple[TextRequest, ...]
+    parallel: ParallelConfig
+    model: str  # checkpoint directory (config.json + safetensors)
+    dtype: str = "fp32"
+    ladder_layers: int | None = None  # None: the checkpoint's own (config.json "ladder_layers", default 0)
+    micro_batches: int | None = None  # None: pp (bounded by the batch) with pipeline parallelism, else 1
+    communicate: bool = True  # False: skip every tp all-reduce (benchmark ceiling; wrong output)
+    return_logits: bool = False  # tests: prefill logits of every position and each step's logits
+    wirings: tuple[str, ...] = ()  # benchmark: run every request once per wiring (WIRINGS), alternating
+    threads_per_rank: int | None = None
+    comm_timeout_s: float = 300.0
+
+    def replace(self, **changes) -> "TextJob":
+        return dataclasses.replace(self, **changes)
+
+
+def check_job(job: TextJob, checkpoint, nproc: int) -> None:
+    """Everything about a job that depends on the model; raises ConfigError before launch."""
+    from distgen.parallel import pipeline, tensor
+
+    config = checkpoint.config
+    name = checkpoint.directory
+    job.parallel.validate(nproc, TEXT_AXES)
+    if job.dtype not in DTYPES:
+        raise ConfigError(f"--dtype: unknown dtype {job.dtype!r}; allowed: {', '.join(DTYPES)}")
+    tensor.validate(config, job.parallel.degree("tp"), name)
+    pipeline.validate(config, job.parallel.degree("pp"))
+    if job.ladder_layers is not None and not 0 <= job.ladder_layers <= config.num_layers:
+        raise ConfigError(f"--ladder-layers {job.ladder_layers}: must be between 0 and the model's "
+                          f"{config.num_layers} layers")
+    for wiring in job.wirings:
+        if wiring not in WIRINGS:
+            raise ConfigError(f"--compare: unknown wiring {wiring!r}; allowed: {', '.join(WIRINGS)}")
+    for request in job.requests:
+        request.validate()
+        longest = max(len(p) for p in request.prompt_ids)
+        context = config.max_position_embeddings
+        if longest > context:
+            raise ConfigError(f"--prompt: {longest} tokens is longer than the model's context of {context} tokens")
+        if longest + request.max_new_tokens > context:
+            raise ConfigError(f"--max-new-tokens {request.max_new_tokens}: the {longest}-token prompt plus the new "
+                              f"tokens exceed the model's context of {context} tokens; at most "
+                              f"{context - longest} new tokens fit")
+        if job.micro_batches is not None and not 1 <= job.micro_batches <= request.batch_size:
+            raise ConfigError(f"--micro-batches {job.micro_batches}: must be between 1 and the batch size "
+                              f"{request.batch_size}")
+        bad = [t for p in request.prompt_ids for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ConfigError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {config.vocab_size})")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _SingleStage:
+    """The whole model on this rank (no pipeline): the same interface as PipelineSchedule."""
+
+    def __init__(self, model, keep_logits: bool):
+        self.model, self.keep_logits = model, keep_logits
+        self._tokens: dict[int, torch.Tensor] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def expect(self, m: int, rows: int, chunk: int) -> None:
+        pass
+
+    def run(self, m, tokens, ctx, sample, all_logits: bool = False) -> None:
+        logits = self.model(tokens, ctx, all_logits=all_logits)
+        self._tokens[m] = sample(m, logits[:, -1])
+        if self.keep_logits:
+            self._logits[m] = logits.float()
+
+    def sampled_here(self, m: int):
+        return self._tokens.get(m)
+
+    def next_tokens(self, m: int) -> torch.Tensor:
+        return self._tokens.pop(m)
+
+    def last_logits(self, m: int):
+        return self._logits.pop(m, None)
+
+    def drain(self) -> None:
+        pass
+
+
+@dataclass
+class TextResult:
+    """Rank 0's view of one request. Per-step lists: index 0 is the prefill, then one entry per
+    decoding step (bytes this rank sent and seconds it waited, by axis)."""
+
+    tokens: list[list[int]]  # generated ids per prompt, up to and including EOS
+    prefill_seconds: float = 0.0  # until every sequence's first new token is known
+    decode_seconds: float = 0.0  # from then until the last token is known
+    step_tokens: list[int] = field(default_factory=list)  # sequences advanced by each step
+    tp_bytes: list[int] = field(default_factory=list)
+    tp_wait_seconds: list[float] = field(default_factory=list)
+    tp_collectives: list[int] = field(default_factory=list)
+    pp_bytes: list[int] = field(default_factory=list)
+    pp_wait_seconds: list[float] = field(default_factory=list)
+    prefill_logits: torch.Tensor | None = None  # (batch, prompt, vocab), with return_logits
+    step_logits: list[torch.Tensor] | None = None  # (batch, vocab) per decoding step
+
+
+class TextGenerator:
+    def __init__(self, job: TextJob, ctx):
+        from distgen.models.checkpoint import DTYPES as TORCH_DTYPES
+        from distgen.models.checkpoint import load_parameters, open_checkpoint
+        from distgen.models.llama import build_model
+        from distgen.parallel import pipeline, tensor
+
+        self.job, self.ctx = job, ctx
+        self.device = ctx.device
+        self.dtype = TORCH_DTYPES[job.dtype]
+        checkpoint = open_checkpoint(job.model)
+        config = checkpoint.config
+        if job.ladder_layers is not None:
+            config = config.with_ladder_layers(job.ladder_layers)
+        self.config = config
+        model = build_model(config)
+        self.tp_stats, self.pp_stats = CommStats(), CommStats()
+        pp, tp = job.parallel.degree("pp"), job.parallel.degree("tp")
+        layers = range(config.num_layers)
+        if pp > 1:
+            self.pp_engine = ExchangeEngine(ctx.group("pp"), self.pp_stats, ctx.device)
+            layers = pipeline.apply(model, self.pp_engine.rank, pp)
+        if tp > 1:
+            tensor.apply(model, ExchangeEngine(ctx.group("tp"), self.tp_stats, ctx.device), communicate=job.communicate)
+        load_parameters(model, checkpoint, self.dtype, ctx.device)
+        model.eval()
+        self.model = model
+        if pp > 1:
+            feedback = ExchangeEngine(pipeline.feedback_group(ctx.mesh), self.pp_stats, ctx.device)
+            self.schedule = pipeline.PipelineSchedule(model, self.pp_engine, feedback, layers, config.hidden_size,
+                                                      self.dtype, ctx.device, keep_logits=job.return_logits)
+        else:
+            self.schedule = _SingleStage(model, job.return_logits)
+        self.pp = pp
+
+    def set_wiring(self, wiring: str) -> None:
+        """Switch between WIRINGS without reloading (weights are the same for all three)."""
+        from distgen.models.llama import set_ladder_layers
+        from distgen.parallel import tensor
+
+        ladder = self.job.ladder_layers if self.job.ladder_layers is not None else self.config.num_layers
+        set_ladder_layers(self.model, ladder if wiring == "ladder" else 0)
+        if self.job.parallel.degree("tp") > 1:
+            tensor.set_communicate(self.model, wiring != "no-comm")
+        self.config = self.model.config
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def generate(self, request: TextRequest) -> TextResult:
+        model, schedule, device = self.model, self.schedule, self.device
+        batch = request.batch_size
+        prompt_len = max(len(p) for p in request.prompt_ids)
+        new = request.max_new_tokens
+        total = prompt_len + new
+        # Left padding: every sequence's next token lands at the same cache index.
+        tokens = torch.full((batch, prompt_len), request.pad_token_id, dtype=torch.long)
+        key_valid = torch.zeros(batch, total, dtype=torch.bool)
+        for row, ids in enumerate(request.prompt_ids):
+            tokens[row, prompt_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            key_valid[row, prompt_len - len(ids):] = True
+        lengths = key_valid[:, :prompt_len].sum(1)
+        positions = (key_valid[:, :prompt_len].long().cumsum(1) - 1).clamp(min=0)
+        tokens, key_valid, lengths, positions = (t.to(device) for t in (tokens, key_valid, lengths, positions))
+        cache = model.allocate_cache(batch, total, self.dtype, device)
+
+        micro = self.job.micro_batches or (min(self.pp, batch) if self.pp > 1 else 1)
+        bounds = [(batch * i // micro, batch * (i + 1) // micro) for i in range(micro)]
+        generators = [torch.Generator(device="cpu").manual_seed(request.seed * 1_000_003 + row) for row in range(batch)]
+        eos = torch.tensor(request.eos_token_ids or [-1], dtype=torch.long)
+
+        def sample(m: int, logits: torch.Tensor) -> torch.Tensor:
+            start, stop = bounds[m]
+            rows = logits.float().cpu()
+            chosen = [_sample_row(rows[i], request.temperature, request.top_p, generators[start + i])
+                      for i in range(stop - start)]
+            return torch.tensor(chosen, dtype=torch.long, device=device)
+
+        def context(m: int, step: int):
+            start, stop = bounds[m]
+            if step == 0:
+                pos, first = positions[start:stop], 0
+            else:
+                pos, first = (lengths[start:stop] + step - 1)[:, None], prompt_len + step - 1
+            return model.context(pos, first, key_valid[start:stop], cache.rows(start, stop), self.dtype)
+
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool)
+        known: dict[int, tuple[bool, torch.Tensor]] = {}
+        logits_by_step: list[dict[int, torch.Tensor]] = []
+
+        def learn(m: int, step: int) -> tuple[bool, torch.Tensor]:
+            """Record micro-batch m's tokens from run ``step`` once; returns (continues, tokens)."""
+            if m not in known:
+                chosen = schedule.next_tokens(m)
+                logits = schedule.last_logits(m)
+                if logits is not None:
+                    logits_by_step.extend({} for _ in range(step + 1 - len(logits_by_step)))
+                    logits_by_step[step][m] = logits.cpu()
+                start, stop = bounds[m]
+                cpu = chosen.cpu()
+                for i in range(stop - start):
+                    if not finished[start + i]:
+                        generated[start + i].append(int(cpu[i]))
+                finished[start:stop] |= torch.isin(cpu, eos)
+                known[m] = (step + 1 < new and not bool(finished[start:stop].all()), chosen)
+            return known[m]
+
+        def launch(m: int, inputs: torch.Tensor, step: int) -> None:
+            schedule.run(m, inputs, context(m, step), sample, all_logits=self.job.return_logits and step == 0)
+            if schedule.sampled_here(m) is not None:  # the last stage knows at once: post the next receive early
+                more, _ = learn(m, step)
+                if more:
+                    schedule.expect(m, bounds[m][1] - bounds[m][0], 1)
+
+        result = TextResult(tokens=generated)
+        for stats in (self.tp_stats, self.pp_stats):
+            stats.reset()
+
+        def record_step(advanced: int) -> None:
+            result.step_tokens.append(advanced)
+            for stats, sent, wait in ((self.tp_stats, result.tp_bytes, result.tp_wait_seconds),
+                                      (self.pp_stats, result.pp_bytes, result.pp_wait_seconds)):
+                sent.append(stats.current.bytes_sent)
+                wait.append(stats.current.wait_s)
+                if stats is self.tp_stats:
+                    result.tp_collectives.append(stats.current.collectives)
+                stats.end_step()
+
+        # Prefill: every micro-batch's prompt, receives posted ahead; done when all first tokens are known.
+        started = time.perf_counter()
+        for m, (start, stop) in enumerate(bounds):
+            schedule.expect(m, stop - start, prompt_len)
+        for m, (start, stop) in enumerate(bounds):
+            launch(m, tokens[start:stop], 0)
+        for m in range(micro):
+            learn(m, 0)
+        self._sync()
+        result.prefill_seconds = time.perf_counter() - started
+        record_step(batch)
+        # Decode: iteration `step` takes each micro-batch's tokens of run `step` and starts run step+1.
+        started = time.perf_counter()
+        active = list(range(micro))
+        for step in range(new):
+            advanced = 0
+            for m in list(active):
+                more, chosen = learn(m, step)
+                del known[m]
+                if not more:
+                    active.remove(m)
+                    continue
+                start, stop = bounds[m]
+                schedule.expect(m, stop - start, 1)
+                launch(m, chosen[:, None], step + 1)
+                advanced += stop - start
+            if advanced:
+                record_step(advanced)
+            if not active:
+                break
+        self._sync()
+        result.decode_seconds = time.perf_counter() - started
+        schedule.drain()
+        if self.job.return_logits and logits_by_step:
+            def stacked(step: int) -> torch.Tensor | None:
+                parts = logits_by_step[step]
+                return torch.cat([parts[m] for m in range(micro)]) if len(parts) == micro else None
+
+            result.prefill_logits = stacked(0)
+            result.step_logits = [s[:, -1] for s in map(stacked, range(1, len(logits_by_step))) if s is not None]
+        return result
+
+
+def run_text_job(job: TextJob, ctx) -> dict | None:
+    """Rank 0 returns one result per request (per request and wiring, in that order, with wirings)."""
+    generator = TextGenerator(job, ctx)
+    results = []
+    for request in job.requests:
+        for wiring in job.wirings or (None,):
+            if wiring is not None:
+                generator.set_wiring(wiring)
+            results.append(dataclasses.asdict(generator.generate(request)) | {"wiring": wiring})
+    if ctx.rank != 0:
+        return None
+    return {
+        "config": {"ladder_layers": generator.config.ladder_layers, "num_layers": generator.config.num_layers},
+        "results": results,
+    }
