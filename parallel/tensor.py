@@ -134,11 +134,13 @@ def apply(model: CausalLM, engine: ExchangeEngine, communicate: bool = True) -> 
         _shard_linear(model, f"{prefix}.self_attn.k_proj", 0, rank * kv_rows, (rank + 1) * kv_rows, True)
         _shard_linear(model, f"{prefix}.self_attn.v_proj", 0, rank * kv_rows, (rank + 1) * kv_rows, True)
         _shard_linear(model, f"{prefix}.self_attn.o_proj", 1, rank * q_rows, (rank + 1) * q_rows, rank == 0)
+        layer = model.model.layers[str(index)]
+        layer.attn_reduce = AllReduce(engine, communicate)
+        if config.moe is not None and config.moe.sparse_layers[index]:
+            continue  # MoE block: whole on every rank here; distgen.parallel.expert splits its experts
         _shard_linear(model, f"{prefix}.mlp.gate_proj", 0, rank * cols, (rank + 1) * cols, True)
         _shard_linear(model, f"{prefix}.mlp.up_proj", 0, rank * cols, (rank + 1) * cols, True)
         _shard_linear(model, f"{prefix}.mlp.down_proj", 1, rank * cols, (rank + 1) * cols, rank == 0)
-        layer = model.model.layers[str(index)]
-        layer.attn_reduce = AllReduce(engine, communicate)
         layer.mlp_reduce = AllReduce(engine, communicate)
 
     rows = -(-config.vocab_size // tp)  # padded rows per rank; rows past the vocab are zeros

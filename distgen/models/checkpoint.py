@@ -123,11 +123,36 @@ def open_checkpoint(directory: str) -> Checkpoint:
     return checkpoint
 
 
+def resolve_source(checkpoint: Checkpoint, source: TensorSlice) -> TensorSlice:
+    """The source as stored: a per-expert MoE key becomes a slice of the fused expert tensor
+    when the checkpoint holds the fused layout (``experts.gate_up_proj`` / ``experts.down_proj``)."""
+    if source.key in checkpoint.files or checkpoint.config.moe is None:
+        return source
+    from distgen.models.moe import fused_source
+
+    fused = fused_source(source, checkpoint.shapes, checkpoint.config.moe.expert_intermediate_size)
+    return source if fused is None else fused
+
+
+def _sliced_shape(shape: tuple[int, ...], source: TensorSlice) -> tuple[int, ...]:
+    out = [(r[1] - r[0]) if r is not None else n for r, n in zip(list(source.ranges) + [None] * len(shape), shape)]
+    return tuple(out[1:]) if len(source.ranges) and source.key.endswith(("gate_up_proj", "down_proj")) and out[0] == 1 \
+        else tuple(out)
+
+
 def _check_tensors(checkpoint: Checkpoint) -> None:
     """Every tensor the model reads exists, in the file that should hold it, with its shape."""
     model = build_model(checkpoint.config)
     params = dict(model.named_parameters())
     for name, source in model.weight_sources.items():
+        if source.key not in checkpoint.files:
+            fused = resolve_source(checkpoint, source)
+            if fused is not source:
+                shape = _sliced_shape(checkpoint.shapes[fused.key], fused)
+                if shape != tuple(params[name].shape):
+                    raise CheckpointError(f"--model: fused expert tensor {fused.key!r} gives {list(shape)} for "
+                                          f"{source.key!r}, config.json implies {list(params[name].shape)}")
+                continue
         path = checkpoint.files.get(source.key)
         if path is None:
             raise CheckpointError(f"--model: tensor {source.key!r} is missing from the checkpoint in {checkpoint.directory}")
@@ -156,6 +181,8 @@ def _read_slice(handle, source: TensorSlice, shape: torch.Size, path: str) -> to
         padded = torch.zeros(pad, dtype=data.dtype)
         padded[tuple(slice(0, n) for n in data.shape)] = data
         data = padded
+    if data.dim() == len(shape) + 1 and data.shape[0] == 1:  # one expert of a fused expert tensor
+        data = data[0]
     if tuple(data.shape) != tuple(shape):
         raise CheckpointError(f"tensor {source.key!r} slice {source.ranges} of {path} has shape {list(data.shape)}, "
                               f"the parameter needs {list(shape)}")
@@ -183,6 +210,7 @@ def load_parameters(model: CausalLM, checkpoint: Checkpoint, dtype: torch.dtype,
             if source is None:
                 raise RuntimeError(f"parameter {name} has no checkpoint source (a strategy replaced its module "
                                    "without recording one)")
+            source = resolve_source(checkpoint, source)
             shared = loaded.get(source)
             if shared is not None:
                 _set_parameter(model, name, shared)

@@ -29,11 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distgen.models.moe import MOE_ARCHITECTURES, MoEBlock, MoESpec, set_block_sources, spec_from_hf
+
 # config.json "architectures" entry -> family
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    **MOE_ARCHITECTURES,
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -66,6 +69,8 @@ class TextModelConfig:
     ladder_layers: int = 0
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    moe: MoESpec | None = None  # Mixtral / Qwen MoE: the expert blocks (distgen.models.moe)
+    qk_norm: bool = False  # Qwen3-MoE: RMSNorm over each head's q and k before rope
 
     @property
     def family(self) -> str:
@@ -109,9 +114,15 @@ class TextModelConfig:
         if family == "qwen2":
             qkv_bias, o_bias = True, False
             windows = _qwen2_windows(hf, layers)
+        elif family == "qwen2_moe":
+            qkv_bias, o_bias = bool(hf.get("qkv_bias", True)), False
+            windows = _qwen2_windows(hf, layers)
+        elif family == "qwen3_moe":
+            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+            windows = _qwen2_windows(hf, layers)
         else:
             qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-            window = hf.get("sliding_window") if family == "mistral" else None
+            window = hf.get("sliding_window") if family in ("mistral", "mixtral") else None
             windows = (int(window or 0),) * layers
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
@@ -140,6 +151,8 @@ class TextModelConfig:
             ladder_layers=ladder,
             eos_token_ids=eos_ids,
             bos_token_id=hf.get("bos_token_id"),
+            moe=spec_from_hf(hf, family, layers) if family in MOE_ARCHITECTURES.values() else None,
+            qk_norm=family == "qwen3_moe",
         )
 
 
@@ -288,12 +301,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, config.num_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, config.num_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * hd, hidden, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         batch, chunk, _ = x.shape
         # Head counts come from the projections, so a sharded copy (fewer heads) runs as is.
-        q = self.q_proj(x).view(batch, chunk, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, chunk, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, chunk, -1, self.head_dim)
+        k = self.k_proj(x).view(batch, chunk, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch, chunk, -1, self.head_dim).transpose(1, 2)
         cos, sin = ctx.cos[:, None], ctx.sin[:, None]
         q = q * cos + _rotate_half(q) * sin
@@ -342,7 +363,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        moe = config.moe is not None and config.moe.sparse_layers[layer]
+        self.mlp = MoEBlock(config.hidden_size, config.moe) if moe else MLP(config)
+        if moe:
+            self.mlp.layer = layer
         self.attn_reduce = LocalSum()
         self.mlp_reduce = LocalSum()
 
@@ -394,6 +418,9 @@ class CausalLM(nn.Module):
         self.weight_sources: dict[str, TensorSlice] = {name: TensorSlice(name) for name, _ in self.named_parameters()}
         if config.tie_word_embeddings:
             self.weight_sources["lm_head.weight"] = TensorSlice("model.embed_tokens.weight")
+        for index in range(config.num_layers):
+            if isinstance(self.model.layers[str(index)].mlp, MoEBlock):
+                set_block_sources(self, index)
 
     # -- the pieces a pipeline stage runs ------------------------------------------------
     @property
