@@ -225,12 +225,8 @@ def save_pipeline(pipe, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def preset_dir(name: str = DEFAULT_MODEL) -> Path:
-    """Directory of an embedded preset, built and cached on first use (safe across processes)."""
-    if name not in PRESETS:
-        from distgen.config import ConfigError
-
-        raise ConfigError(f"--preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+def cached_preset(name: str, build) -> Path:
+    """``build()``'s pipeline saved under the cache as preset ``name``, built once (safe across processes)."""
     directory = cache_root() / "models" / f"{name}-v1"
     if (directory / "model_index.json").exists():
         return directory
@@ -238,6 +234,15 @@ def preset_dir(name: str = DEFAULT_MODEL) -> Path:
     with open(directory.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (directory / "model_index.json").exists():
-            family, overrides, _ = PRESETS[name]
-            save_pipeline(build_pipeline(family, seed=0, **overrides), directory)
+            save_pipeline(build(), directory)
     return directory
+
+
+def preset_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Directory of an embedded preset, built and cached on first use (safe across processes)."""
+    if name not in PRESETS:
+        from distgen.config import ConfigError
+
+        raise ConfigError(f"--preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    family, overrides, _ = PRESETS[name]
+    return cached_preset(name, lambda: build_pipeline(family, seed=0, **overrides))

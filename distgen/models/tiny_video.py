@@ -16,12 +16,11 @@ x0, the video is the network's own, temporally mixed, output.
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 
 import torch
 
-from distgen.models.tiny import _clip_text_encoder, build_tokenizer, cache_root, save_pipeline
+from distgen.models.tiny import _clip_text_encoder, build_tokenizer, cached_preset
 
 VIDEO_FAMILIES = ("t2v", "animatediff", "wan")
 DEFAULT_VIDEO_MODEL = "tiny-t2v"
@@ -181,13 +180,5 @@ def video_preset_dir(name: str = DEFAULT_VIDEO_MODEL) -> Path:
         from distgen.config import ConfigError
 
         raise ConfigError(f"--preset: unknown video preset {name!r}; allowed: {', '.join(VIDEO_PRESETS)}")
-    directory = cache_root() / "models" / f"{name}-v1"
-    if (directory / "model_index.json").exists():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (directory / "model_index.json").exists():
-            family, overrides, _ = VIDEO_PRESETS[name]
-            save_pipeline(build_video_pipeline(family, seed=0, **overrides), directory)
-    return directory
+    family, overrides, _ = VIDEO_PRESETS[name]
+    return cached_preset(name, lambda: build_video_pipeline(family, seed=0, **overrides))

@@ -20,6 +20,27 @@ from distgen.parallel import sequence as sequence_parallel
 from distgen.runtime.dist import WorkerContext
 
 
+class StepTimer:
+    """Times every denoiser call and brackets it as one step of the engine's accounting."""
+
+    def __init__(self, denoiser: torch.nn.Module, stats, device: torch.device):
+        self.stats, self.device = stats, device
+        self.seconds: list[float] = []
+        self._started = 0.0
+        denoiser.register_forward_pre_hook(self._begin, prepend=True)
+        denoiser.register_forward_hook(self._end)
+
+    def _begin(self, module, args):
+        self.stats.begin_step()
+        self._started = time.perf_counter()
+
+    def _end(self, module, args, output):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds.append(time.perf_counter() - self._started)
+        self.stats.end_step()
+
+
 @dataclass
 class ImageResult:
     latents: torch.Tensor
@@ -52,25 +73,12 @@ class DiffusionRunner:
         cfg_group = ctx.group("cfg")
         if cfg_group is not None:
             cfg_parallel.apply(self.denoiser, ExchangeEngine(cfg_group, self.stats, ctx.device))
-        self._step_started = 0.0
-        self._step_seconds: list[float] = []
-        self.denoiser.register_forward_pre_hook(self._begin_step, prepend=True)
-        self.denoiser.register_forward_hook(self._end_step)
-
-    def _begin_step(self, module, args):
-        self.stats.begin_step()
-        self._step_started = time.perf_counter()
-
-    def _end_step(self, module, args, output):
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
-        self._step_seconds.append(time.perf_counter() - self._step_started)
-        self.stats.end_step()
+        self.steps = StepTimer(self.denoiser, self.stats, ctx.device)
 
     @torch.no_grad()
     def generate(self, request: ImageRequest, decode: bool) -> ImageResult:
         self.stats.reset()
-        self._step_seconds = []
+        self.steps.seconds = []
         if self.patch_state is not None:
             self.patch_state.new_request()
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
@@ -80,7 +88,7 @@ class DiffusionRunner:
             self.patch_state.engine.drain()
         result = ImageResult(
             latents=latents.float().cpu(),
-            step_seconds=list(self._step_seconds),
+            step_seconds=list(self.steps.seconds),
             bytes_sent=[s.bytes_sent for s in self.stats.steps],
             bytes_recv=[s.bytes_recv for s in self.stats.steps],
             wait_seconds=[s.wait_s for s in self.stats.steps],

@@ -21,6 +21,7 @@ from distgen.comm import CommStats, ExchangeEngine
 from distgen.config_video import VideoJob, VideoRequest
 from distgen.models import video as adapter
 from distgen.models.diffusion import denoiser_of, load_pipeline
+from distgen.runtime.diffusion import StepTimer
 from distgen.parallel import cfg as cfg_parallel
 from distgen.parallel import clip as clip_parallel
 from distgen.runtime.dist import WorkerContext
@@ -94,20 +95,7 @@ class VideoRunner:
             self.sp_state = sequence.apply(self.denoiser, ExchangeEngine(sp_group, self.stats, ctx.device), job.sp_mode)
         if self.info.family == "motion" and cfg_group is not None:
             clip_parallel.fold_frame_text(self.denoiser)
-        self._step_started = 0.0
-        self._step_seconds: list[float] = []
-        self.denoiser.register_forward_pre_hook(self._begin_step, prepend=True)
-        self.denoiser.register_forward_hook(self._end_step)
-
-    def _begin_step(self, module, args):
-        self.stats.begin_step()
-        self._step_started = time.perf_counter()
-
-    def _end_step(self, module, args, output):
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
-        self._step_seconds.append(time.perf_counter() - self._step_started)
-        self.stats.end_step()
+        self.steps = StepTimer(self.denoiser, self.stats, ctx.device)
 
     @property
     def decodes_own_clip(self) -> bool:
@@ -129,7 +117,7 @@ class VideoRunner:
     @torch.no_grad()
     def generate(self, request: VideoRequest, decode: bool, gather_latents: bool) -> VideoResult:
         self.stats.reset()
-        self._step_seconds = []
+        self.steps.seconds = []
         if self.clip_state is not None:
             self.clip_state.new_request()
         start_memory = _memory_mb(self.ctx.device, reset=True)
@@ -163,7 +151,7 @@ class VideoRunner:
         result.total_seconds = time.perf_counter() - started
         result.peak_memory_mb = _memory_mb(self.ctx.device, reset=False)
         result.start_memory_mb = start_memory
-        result.step_seconds = list(self._step_seconds)
+        result.step_seconds = list(self.steps.seconds)
         result.bytes_sent = [s.bytes_sent for s in self.stats.steps]
         result.bytes_recv = [s.bytes_recv for s in self.stats.steps]
         result.wait_seconds = [s.wait_s for s in self.stats.steps]
