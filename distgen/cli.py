@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_image(generate_kinds, bench_kinds)
     for module in WORKLOAD_COMMANDS:
         importlib.import_module(module).register(generate_kinds, bench_kinds)
+    importlib.import_module("distgen.cli_place").register_place(commands)  # distgen place (expert placement)
     return parser
 
 

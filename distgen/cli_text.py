@@ -25,7 +25,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer); "
                              "default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--parallel", default="", help="degrees per axis, e.g. 'tp=2,pp=2' (axes: tp, pp)")
+    parser.add_argument("--parallel", default="",
+                        help="degrees per axis, e.g. 'tp=2,pp=2' or 'tp=2,ep=2' (axes: tp, pp, ep; ep shares the tp ranks)")
     parser.add_argument("--ladder-layers", type=int, default=None,
                         help="run the upper K layers with Ladder Residual wiring (default: the checkpoint's "
                              "config.json 'ladder_layers', else 0)")
@@ -53,6 +54,7 @@ def register(generate_kinds, bench_kinds) -> None:
     text.add_argument("--top-p", type=float, default=1.0)
     text.add_argument("--seed", type=int, default=0)
     text.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    add_moe_arguments(text)
     text.set_defaults(handler=generate_text)
 
     bench = bench_kinds.add_parser("text", help="standard vs Ladder tensor parallelism vs one rank, in one run")
@@ -71,6 +73,94 @@ def register(generate_kinds, bench_kinds) -> None:
     bench.add_argument("--threads-per-rank", type=int, default=1)
     bench.add_argument("--no-baseline", action="store_true", help="skip the single-rank run")
     bench.set_defaults(handler=bench_text)
+
+    moe = bench_kinds.add_parser("moe", help="expert placement policies (round-robin, eplb, tuner) vs one rank, in one run")
+    moe.add_argument("--model", default=None, help="MoE checkpoint directory (default: the embedded smollm2-moe)")
+    moe.add_argument("--parallel", default="ep=2", help="degrees per axis with ep >= 2, e.g. 'ep=2' or 'tp=2,ep=2'")
+    moe.add_argument("--compare", default="round-robin,eplb,tuner", help="comma list of placement policies")
+    moe.add_argument("--redundant-experts", type=int, default=None,
+                     help="eplb's spare slots per layer (default: one per ep rank)")
+    moe.add_argument("--nodes", type=int, default=1, help="nodes for hierarchical eplb")
+    moe.add_argument("--routing", default=None, help="place from this trace instead of the baseline's recorded routing")
+    moe.add_argument("--time-limit", type=float, default=10.0, help="tuner: solver time limit in seconds")
+    moe.add_argument("--batch-size", type=int, default=8, help="prompts per request")
+    moe.add_argument("--max-new-tokens", type=int, default=24, help="decoding steps per request")
+    moe.add_argument("--repeats", type=int, default=2, help="measured requests per policy (medians reported)")
+    moe.add_argument("--ranks", type=int, default=8, help="project every policy to this many ranks")
+    moe.add_argument("--link-gbps", type=float, default=100.0, help="projection: link bandwidth, Gbit/s per rank")
+    moe.add_argument("--link-latency-us", type=float, default=10.0, help="projection: per-message latency")
+    moe.add_argument("--dtype", default="fp32", help=f"{', '.join(DTYPES)}")
+    moe.add_argument("--nproc", type=int, default=None, help="ranks to start (default: product of --parallel degrees)")
+    moe.add_argument("--launcher", default="auto", choices=LAUNCHERS)
+    moe.add_argument("--ray-address", default=None)
+    moe.add_argument("--timeout", type=float, default=1800.0)
+    moe.add_argument("--comm-timeout", type=float, default=300.0)
+    moe.add_argument("--threads-per-rank", type=int, default=1)
+    moe.add_argument("--no-baseline", action="store_true", help="skip the single-rank run (needs --routing)")
+    moe.set_defaults(handler=bench_moe)
+
+
+def add_moe_arguments(parser: argparse.ArgumentParser) -> None:
+    moe = parser.add_argument_group("mixture of experts (--parallel ep=N)")
+    moe.add_argument("--placement", default=None,
+                     help="expert placement: round-robin (default), linear, eplb, tuner, or a placement .json "
+                          "written by `distgen place`")
+    moe.add_argument("--redundant-experts", type=int, default=0,
+                     help="spare expert slots per layer, filled with replicas of the heaviest experts (eplb)")
+    moe.add_argument("--nodes", type=int, default=1, help="nodes the ep ranks span (hierarchical eplb)")
+    moe.add_argument("--routing", default=None,
+                     help="routing trace (.npz from --record-routing) that eplb / tuner place from "
+                          "(default for eplb: uniform loads, refined online with --rebalance-interval)")
+    moe.add_argument("--rebalance-interval", type=int, default=None,
+                     help="online EPLB: recompute the placement every N decoding steps and migrate experts by P2P")
+    moe.add_argument("--rebalance-window", type=int, default=32,
+                     help="forward passes of routing the online EPLB looks at (sliding window)")
+    moe.add_argument("--record-routing", default=None, metavar="FILE.npz",
+                     help="write per-layer expert loads and cross-layer routing counts of this run")
+    moe.add_argument("--time-limit", type=float, default=10.0, help="tuner: solver time limit in seconds")
+
+
+def resolve_placement(args, config, parallel: ParallelConfig) -> dict:
+    """--placement / --routing / --redundant-experts -> TextJob fields (checked before launch)."""
+    from distgen.parallel.expert import moe_layers
+
+    fields = {"redundant_experts": args.redundant_experts, "nodes": args.nodes,
+              "rebalance_interval": args.rebalance_interval, "rebalance_window": args.rebalance_window,
+              "record_routing": args.record_routing}
+    placement = args.placement or ("eplb" if args.redundant_experts or args.routing else None)
+    if config.moe is None or placement is None:
+        if config.moe is None and args.routing:
+            raise ConfigError(f"--routing {args.routing}: the model is dense ({config.architecture}); routing traces "
+                              f"belong to MoE checkpoints")
+        if args.placement is not None:
+            fields["placement_policy"] = args.placement  # check_job names the dense model
+            fields["placement"] = {}
+        return fields
+    from distgen.placement.policies import POLICIES, Placement, compute
+    from distgen.placement.routing import RoutingTrace
+
+    ep = parallel.degree("ep")
+    layers = moe_layers(config)
+    if ep == 1:
+        raise ConfigError(f"--placement {placement}: placing experts needs expert parallelism (--parallel ep=N, N > 1)")
+    trace = None
+    if args.routing:
+        trace = RoutingTrace.load(args.routing)
+        trace.check_for(config.moe.num_experts, layers, args.routing)
+    if placement in POLICIES:
+        result = compute(placement, trace, config.moe.num_experts, layers, ep, nodes=args.nodes,
+                         redundant=args.redundant_experts, time_limit_s=args.time_limit)
+        if result.note:
+            print(f"distgen: note: {result.note}", file=sys.stderr)
+    elif placement.endswith(".json") or os.path.exists(placement):
+        result = Placement.load(placement)
+        result.check_for(config.moe.num_experts, layers, ep, placement)
+        slots = len(next(iter(result.layers.values()))[0]) * ep
+        fields["redundant_experts"] = slots - config.moe.num_experts
+    else:
+        raise ConfigError(f"--placement: unknown policy {placement!r}; allowed: {', '.join(POLICIES)}, "
+                          f"or a placement .json file")
+    return fields | {"placement": {int(k): v for k, v in result.layers.items()}, "placement_policy": result.policy}
 
 
 def resolve_nproc(args, parallel: ParallelConfig) -> int:
@@ -136,8 +226,10 @@ def prepare_text_job(args):
         eos_token_ids=() if args.ignore_eos else tuple(sorted(eos)),
         pad_token_id=int(pad),
     )
+    moe = resolve_placement(args, checkpoint.config, parallel) if hasattr(args, "placement") else {}
     job = TextJob(requests=(request,), parallel=parallel, model=checkpoint.directory, dtype=args.dtype,
-                  ladder_layers=args.ladder_layers, micro_batches=args.micro_batches, comm_timeout_s=args.comm_timeout)
+                  ladder_layers=args.ladder_layers, micro_batches=args.micro_batches, comm_timeout_s=args.comm_timeout,
+                  **moe)
     check_job(job, checkpoint, nproc)
     return job, nproc, tokenizer, checkpoint
 
@@ -179,6 +271,14 @@ def generate_text(args) -> int:
 
 def bench_text(args) -> int:
     from distgen.bench_text import bench_text as run_bench
+    from distgen.cli import print_json
+
+    print_json(run_bench(args))
+    return 0
+
+
+def bench_moe(args) -> int:
+    from distgen.bench_moe import bench_moe as run_bench
     from distgen.cli import print_json
 
     print_json(run_bench(args))

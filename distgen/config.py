@@ -60,14 +60,23 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         size = 1
-        for d in self.degrees.values():
-            size *= d
+        for axis, d in self.degrees.items():
+            size *= self.mesh_degree(axis)
         return size
+
+    def mesh_degree(self, axis: str) -> int:
+        """Ranks an axis adds to the mesh. ``ep`` shares ``tp``'s ranks (attention tensor-parallel,
+        experts expert-parallel over the same ranks, as vLLM does): it adds ep / tp replicas."""
+        degree = self.degrees.get(axis, 1)
+        if axis == "ep":
+            tp = self.degrees.get("tp", 1)
+            return degree // tp if degree % tp == 0 else degree
+        return degree
 
     @property
     def mesh_axes(self) -> tuple[tuple[str, int], ...]:
-        """(name, degree) of every axis with degree > 1, outermost first."""
-        return tuple((a, self.degrees[a]) for a in MESH_AXES if self.degrees.get(a, 1) > 1)
+        """(name, ranks) of every axis adding ranks, outermost first."""
+        return tuple((a, self.mesh_degree(a)) for a in MESH_AXES if self.mesh_degree(a) > 1)
 
     def validate(self, world_size: int, allowed_axes: tuple[str, ...]) -> None:
         for axis, degree in self.degrees.items():
@@ -75,8 +84,15 @@ class ParallelConfig:
                 raise ConfigError(
                     f"--parallel: axis {axis!r} is not available for this workload; allowed: {', '.join(allowed_axes)}"
                 )
+        ep, tp = self.degree("ep"), self.degree("tp")
+        if ep > 1 and tp > 1 and ep % tp:
+            valid = ", ".join(str(tp * k) for k in range(1, 5))
+            raise ConfigError(f"--parallel: ep={ep} must be a multiple of tp={tp} (experts are spread over the tp "
+                              f"ranks and ep / tp replicas of them); valid ep degrees: {valid}, ...")
         if self.world_size != world_size:
-            product = " x ".join(f"{a}={d}" for a, d in self.degrees.items()) or "(none)"
+            product = " x ".join(f"{a}={self.mesh_degree(a)}" for a in self.degrees) or "(none)"
+            if ep > 1 and tp > 1:
+                product += f" (ep={ep} shares the tp ranks)"
             raise ConfigError(
                 f"--parallel: the product of the degrees ({product} = {self.world_size}) must equal the number of "
                 f"ranks (--nproc / WORLD_SIZE = {world_size})"

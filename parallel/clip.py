@@ -18,8 +18,8 @@ clip of frames:
   - ``GroupNorm`` of ``TransformerTemporalModel`` / ``AnimateDiffTransformer3D`` (statistics
     across frames) -> :class:`_ClipGroupNorm` (whole-video statistics);
   - temporal self-attention (``attn1``/``attn2`` of those blocks) -> :class:`_ClipAttnProcessor`
-    (exact: keys/values of the whole video; dual-scope: the attention *inputs* of the window
-    and global frames, half the bytes of keys and values, projected by the receiver);
+    (exact: keys/values of the whole video; dual-scope: keys/values of the window and global
+    frames, the window's sent before the queries are projected so the two overlap);
   - AnimateDiff's sinusoidal frame positions -> :class:`_ClipPositions` (global frame indices
     where the table allows, see ``ClipState.position_offset``).
 
@@ -173,19 +173,37 @@ class ClipState:
         engine.post_halo(name, to_prev, to_next)  # this step's frames, used at the next
         return from_prev, from_next
 
+    def halo_begin(self, name: str, to_prev: torch.Tensor, to_next: torch.Tensor):
+        """Start a halo exchange; :meth:`halo_end` returns it. Synchronous steps post the
+        transfer here so that work between the two calls overlaps it."""
+        if self.sync_step:
+            self.engine.post_halo(name, to_prev, to_next)
+            return None
+        return self.halo(name, to_prev, to_next)  # stale: last step's frames, already here
+
+    def halo_end(self, name: str, begun) -> tuple:
+        return begun if begun is not None else self.engine.halo(name)
+
     # ------------------------------------------------------------------ group norm
     def group_norm(self, x: torch.Tensor, norm: nn.GroupNorm, name: str, own: slice) -> torch.Tensor:
         """GroupNorm of ``x`` (B, C, frames, ...) with statistics of the video's real frames.
 
         ``own`` selects this clip's frames in ``x`` (the rest is halo: normalised, not counted).
         """
-        groups = norm.num_groups
-        local = _local_stats(x[:, :, own], groups)
+        return self.normalize(x, norm, self.norm_stats(x[:, :, own], norm, name))
+
+    def norm_stats(self, own: torch.Tensor, norm: nn.GroupNorm, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) per (batch, group) over the video's real frames; ``own``: this clip's."""
+        local = _local_stats(own, norm.num_groups)
         if "norm" in self.exchanges:
             mean, var = _merge_stats(self.gather(name, local))
             self.publish(name, local)
-        else:
-            mean, var = local[..., 1], local[..., 2] / local[..., 0]
+            return mean, var
+        return local[..., 1], local[..., 2] / local[..., 0]
+
+    def normalize(self, x: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        mean, var = stats
+        groups = norm.num_groups
         # One pass over x: fold normalisation and affine into a per-(batch, channel) scale and shift.
         per_group = x.shape[1] // groups
         scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, dim=1)
@@ -201,20 +219,25 @@ class ClipState:
         """Exact: keys+values (N, frames, 2D) of the whole video, in frame order."""
         return self._padded_gather(f"{name}.full", kv, list(range(self.length)), self.lengths)
 
-    def dual_scope_context(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dual-scope: attention inputs (N, frames, D) of the local window and the global frames, and the bias.
+    def dual_scope_begin(self, name: str, kv: torch.Tensor):
+        """Dual-scope, part 1: send this clip's edge keys+values (N, frames, 2D) to the neighbours.
 
-        Inputs travel instead of keys and values (half the bytes); the receiver projects them.
+        Keys and values travel (twice the bytes of the attention inputs) so that no rank
+        projects another's frames again: on CPU the projections cost more than the bytes.
         """
         local = self.config.local_frames
-        from_prev, from_next = self.halo(f"{name}.local", x[:, :local], x[:, -local:])
-        parts = [p for p in (from_prev, x, from_next) if p is not None]
+        return self.halo_begin(f"{name}.local", kv[:, :local], kv[:, -local:])
+
+    def dual_scope_end(self, name: str, kv: torch.Tensor, begun) -> tuple[torch.Tensor, torch.Tensor]:
+        """Part 2: keys+values of the local window and the global frames, and the attention bias."""
         counts = [len(owned) for owned in self.global_owned]
-        if sum(counts):
-            parts.append(self._padded_gather(f"{name}.global", x, self.global_owned[self.rank], counts))
+        sampled = (self._padded_gather(f"{name}.global", kv, self.global_owned[self.rank], counts)
+                   if sum(counts) else None)
+        from_prev, from_next = self.halo_end(f"{name}.local", begun)
+        parts = [p for p in (from_prev, kv, from_next, sampled) if p is not None]
         before = 0 if from_prev is None else from_prev.shape[1]
         after = 0 if from_next is None else from_next.shape[1]
-        return torch.cat(parts, dim=1), self._dual_scope_bias(before, after, sum(counts), x.dtype, x.device)
+        return torch.cat(parts, dim=1), self._dual_scope_bias(before, after, sum(counts), kv.dtype, kv.device)
 
     def _padded_gather(self, name: str, kv: torch.Tensor, frames: list[int], counts: list[int]) -> torch.Tensor:
         """All ranks' ``kv[:, frames]``, concatenated in rank order (padded to equal shapes on the wire)."""
@@ -319,12 +342,18 @@ class _ClipTemporalConv(nn.Module):
         has_next = width > 0 and state.rank < state.world - 1
         h, left = x, 0  # `left`: halo frames still attached on each interior side
         for i, seq in enumerate(self.stages):
+            name = f"{self.name}.{i}"
             if width and left == 0:
+                # h is exactly this clip's frames here: its statistics travel while the halo does
                 left = min(width, len(self.stages) - i)
-                from_prev, from_next = state.halo(f"{self.name}.{i}", h[:, :, :left], h[:, :, -left:])
+                begun = state.halo_begin(name, h[:, :, :left], h[:, :, -left:])
+                stats = state.norm_stats(h, seq[0], name)
+                from_prev, from_next = state.halo_end(name, begun)
                 h = torch.cat([p for p in (from_prev, h, from_next) if p is not None], dim=2)
-            own_start = left if has_prev else 0
-            h = state.group_norm(h, seq[0], f"{self.name}.{i}", slice(own_start, own_start + num_frames))
+                h = state.normalize(h, seq[0], stats)
+            else:
+                own_start = left if has_prev else 0
+                h = state.group_norm(h, seq[0], name, slice(own_start, own_start + num_frames))
             for module in seq[1:-1]:  # SiLU, Dropout
                 h = module(h)
             conv = seq[-1]
@@ -351,13 +380,16 @@ class _ClipAttnProcessor:
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         state, residual, batch = self.state, hidden_states, hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         bias = None
         if "attention" in state.exchanges and state.config.mode == "dual-scope":
-            context, bias = state.dual_scope_context(self.name, hidden_states)
-            key, value = attn.to_k(context), attn.to_v(context)
+            kv = torch.cat([key, value], dim=-1)
+            begun = state.dual_scope_begin(self.name, kv)
+            query = attn.to_q(hidden_states)  # while the window's keys and values travel
+            kv, bias = state.dual_scope_end(self.name, kv, begun)
+            key, value = kv[..., : key.shape[-1]], kv[..., key.shape[-1] :]
         else:
-            key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+            query = attn.to_q(hidden_states)
             if "attention" in state.exchanges:  # exact: the whole video's keys and values
                 kv = state.full_kv(self.name, torch.cat([key, value], dim=-1))
                 key, value = kv[..., : key.shape[-1]], kv[..., key.shape[-1] :]

@@ -21,7 +21,7 @@ import torch
 from distgen.comm import CommStats, ExchangeEngine
 from distgen.config import DTYPES, ConfigError, ParallelConfig
 
-TEXT_AXES = ("pp", "tp")
+TEXT_AXES = ("pp", "ep", "tp")
 # Residual wirings a benchmark alternates between in the same processes (TextJob.wirings):
 # standard; Ladder on the upper TextJob.ladder_layers layers (all when None); standard with every
 # tp all-reduce skipped (wrong output: the speed ceiling).
@@ -70,6 +70,17 @@ class TextJob:
     communicate: bool = True  # False: skip every tp all-reduce (benchmark ceiling; wrong output)
     return_logits: bool = False  # tests: prefill logits of every position and each step's logits
     wirings: tuple[str, ...] = ()  # benchmark: run every request once per wiring (WIRINGS), alternating
+    # Mixture of experts (distgen.parallel.expert, distgen.placement): per MoE layer, slots[rank] =
+    # logical experts per physical slot (None: round-robin); the policy that made it, for reports.
+    placement: dict[int, list[list[int]]] | None = None
+    placement_policy: str = "round-robin"
+    redundant_experts: int = 0  # spare slots per layer (online EPLB keeps the count)
+    nodes: int = 1  # hierarchical EPLB when > 1
+    rebalance_interval: int | None = None  # online EPLB every N decoding steps (None: static)
+    rebalance_window: int = 32  # forward passes of routing the online EPLB looks at
+    record_routing: str | None = None  # rank 0 writes the routing trace (.npz) here
+    # benchmark: run every request once per placement (name, layers), migrating weights in place
+    placements: tuple[tuple[str, dict], ...] = ()
     threads_per_rank: int | None = None
     comm_timeout_s: float = 300.0
 
@@ -79,11 +90,12 @@ class TextJob:
 
 def check_job(job: TextJob, checkpoint, nproc: int) -> None:
     """Everything about a job that depends on the model; raises ConfigError before launch."""
-    from distgen.parallel import pipeline, tensor
+    from distgen.parallel import expert, pipeline, tensor
 
     config = checkpoint.config
     name = checkpoint.directory
     job.parallel.validate(nproc, TEXT_AXES)
+    expert.check_job(job, config)
     if job.dtype not in DTYPES:
         raise ConfigError(f"--dtype: unknown dtype {job.dtype!r}; allowed: {', '.join(DTYPES)}")
     tensor.validate(config, job.parallel.degree("tp"), name)
@@ -172,6 +184,10 @@ class TextResult:
     tp_collectives: list[int] = field(default_factory=list)
     pp_bytes: list[int] = field(default_factory=list)
     pp_wait_seconds: list[float] = field(default_factory=list)
+    ep_bytes: list[int] = field(default_factory=list)  # expert all-to-alls (+ gathers, migrations)
+    ep_wait_seconds: list[float] = field(default_factory=list)
+    ep_sent_to: list[dict[int, int]] = field(default_factory=list)  # bytes to each global rank, per step
+    rebalances: list[dict] = field(default_factory=list)  # online EPLB: when, what moved
     prefill_logits: torch.Tensor | None = None  # (batch, prompt, vocab), with return_logits
     step_logits: list[torch.Tensor] | None = None  # (batch, vocab) per decoding step
 
@@ -181,7 +197,7 @@ class TextGenerator:
         from distgen.models.checkpoint import DTYPES as TORCH_DTYPES
         from distgen.models.checkpoint import load_parameters, open_checkpoint
         from distgen.models.llama import build_model
-        from distgen.parallel import pipeline, tensor
+        from distgen.parallel import expert, pipeline, tensor
 
         self.job, self.ctx = job, ctx
         self.device = ctx.device
@@ -192,14 +208,24 @@ class TextGenerator:
             config = config.with_ladder_layers(job.ladder_layers)
         self.config = config
         model = build_model(config)
-        self.tp_stats, self.pp_stats = CommStats(), CommStats()
-        pp, tp = job.parallel.degree("pp"), job.parallel.degree("tp")
+        self.tp_stats, self.pp_stats, self.ep_stats = CommStats(), CommStats(), CommStats()
+        pp, tp, ep = job.parallel.degree("pp"), job.parallel.degree("tp"), job.parallel.degree("ep")
         layers = range(config.num_layers)
         if pp > 1:
             self.pp_engine = ExchangeEngine(ctx.group("pp"), self.pp_stats, ctx.device)
             layers = pipeline.apply(model, self.pp_engine.rank, pp)
         if tp > 1:
             tensor.apply(model, ExchangeEngine(ctx.group("tp"), self.tp_stats, ctx.device), communicate=job.communicate)
+        if ep > 1:  # experts over the tp ranks and their ep / tp replicas
+            self.ep_engine = ExchangeEngine(expert.expert_group(ctx, ep, tp), self.ep_stats, ctx.device)
+            expert.apply(model, self.ep_engine, job.placement)
+        self.recorder = None
+        if config.moe is not None and (job.record_routing or job.rebalance_interval):
+            from distgen.placement.routing import RoutingRecorder
+
+            here = tuple(i for i in expert.moe_layers(config) if i in set(model.layer_indices))
+            self.recorder = RoutingRecorder(here, config.moe.num_experts, config.moe.top_k, window=job.rebalance_window)
+            expert.set_observer(model, self.recorder.observe)
         load_parameters(model, checkpoint, self.dtype, ctx.device)
         model.eval()
         self.model = model
@@ -221,6 +247,27 @@ class TextGenerator:
         if self.job.parallel.degree("tp") > 1:
             tensor.set_communicate(self.model, wiring != "no-comm")
         self.config = self.model.config
+
+    def set_placement(self, layers: dict[int, list[list[int]]]) -> dict:
+        """Move the experts to another placement in place (weights travel by P2P)."""
+        from distgen.parallel import expert
+
+        started, sent = time.perf_counter(), self.ep_stats.current.bytes_sent
+        moves = [block.migrate(layers[block.layer]) for block in expert.blocks(self.model)]
+        return {"experts_received": sum(m["received_experts"] for m in moves),
+                "experts_moved_all_ranks": sum(m["moved_experts_all_ranks"] for m in moves),
+                "bytes_sent": self.ep_stats.current.bytes_sent - sent, "seconds": time.perf_counter() - started}
+
+    def rebalance(self, step: int) -> dict:
+        """Online EPLB: new replicas and packing from the recent loads (the same on every rank,
+        since every rank routes every row), then migrate."""
+        from distgen.placement.policies import eplb
+
+        loads = self.recorder.window_loads()
+        ep = self.job.parallel.degree("ep")
+        layers = {layer: eplb(loads[i], ep, self.job.redundant_experts, nodes=self.job.nodes)
+                  for i, layer in enumerate(self.recorder.layers)}
+        return {"step": step} | self.set_placement(layers)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -294,7 +341,7 @@ class TextGenerator:
                     schedule.expect(m, bounds[m][1] - bounds[m][0], 1)
 
         result = TextResult(tokens=generated)
-        for stats in (self.tp_stats, self.pp_stats):
+        for stats in (self.tp_stats, self.pp_stats, self.ep_stats):
             stats.reset()
 
         def record_step(advanced: int) -> None:
@@ -306,6 +353,10 @@ class TextGenerator:
                 if stats is self.tp_stats:
                     result.tp_collectives.append(stats.current.collectives)
                 stats.end_step()
+            result.ep_bytes.append(self.ep_stats.current.bytes_sent)
+            result.ep_wait_seconds.append(self.ep_stats.current.wait_s)
+            result.ep_sent_to.append(dict(self.ep_stats.current.sent_to))
+            self.ep_stats.end_step()
 
         # Prefill: every micro-batch's prompt, receives posted ahead; done when all first tokens are known.
         started = time.perf_counter()
@@ -337,6 +388,9 @@ class TextGenerator:
                 record_step(advanced)
             if not active:
                 break
+            interval = self.job.rebalance_interval
+            if interval and (step + 1) % interval == 0:
+                result.rebalances.append(self.rebalance(step + 1))
         self._sync()
         result.decode_seconds = time.perf_counter() - started
         schedule.drain()
@@ -354,11 +408,26 @@ def run_text_job(job: TextJob, ctx) -> dict | None:
     """Rank 0 returns one result per request (per request and wiring, in that order, with wirings)."""
     generator = TextGenerator(job, ctx)
     results = []
-    for request in job.requests:
-        for wiring in job.wirings or (None,):
-            if wiring is not None:
-                generator.set_wiring(wiring)
-            results.append(dataclasses.asdict(generator.generate(request)) | {"wiring": wiring})
+    for placement, layers in job.placements or ((None, None),):
+        moved = generator.set_placement(layers) if layers is not None else None
+        for request in job.requests:
+            for wiring in job.wirings or (None,):
+                if wiring is not None:
+                    generator.set_wiring(wiring)
+                results.append(dataclasses.asdict(generator.generate(request))
+                               | {"wiring": wiring, "placement": placement, "migration": moved})
+    if job.parallel.degree("ep") > 1:
+        # every rank's expert bytes to every rank, per request (bookkeeping, not activations: one
+        # object gather after the work)
+        import torch.distributed as dist
+
+        mine = [[sum(step.get(dst, 0) for step in r["ep_sent_to"]) for dst in range(ctx.world_size)] for r in results]
+        everyone: list = [None] * ctx.world_size
+        dist.all_gather_object(everyone, mine)
+        for i, r in enumerate(results):
+            r["ep_bytes_matrix"] = [everyone[src][i] for src in range(ctx.world_size)]
+    if job.record_routing and ctx.rank == 0:
+        generator.recorder.trace().save(job.record_routing)
     if ctx.rank != 0:
         return None
     return {
