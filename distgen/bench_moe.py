@@ -14,7 +14,8 @@ rank pair (every rank's counters), seconds waiting on expert communication, the 
 from the recorded routing. ``--ranks N`` projects each policy to N ranks: its placement is
 computed for N ranks on the same trace, per-layer compute is the busiest rank's token count
 times the measured per-token expert time, communication a link model (``--link-gbps``,
-``--link-latency-us``) over the rows that leave their rank.
+``--link-latency-us``) over the rows that leave their dispatching rank (see
+``distgen.parallel.expert.Dispatch``).
 """
 
 from __future__ import annotations
@@ -74,38 +75,32 @@ def _expert_seconds_per_token(hidden: int, intermediate: int, dtype: torch.dtype
 
 def project(policy_layers: dict, trace, ranks: int, tokens_per_step: int, hidden: int, bytes_per_value: int,
             expert_cost: dict, link_gbps: float, link_latency_us: float) -> dict:
-    """Projected MoE seconds per step on ``ranks`` ranks: per layer, the busiest rank's expert
-    work plus dispatch and combine of the rows that leave their (evenly sliced) home rank."""
-    from distgen.placement.metrics import rank_loads
+    """Projected MoE seconds per step on ``ranks`` ranks, as our runtime moves rows: per layer,
+    the busiest rank's expert work, plus dispatch and combine of the choices that leave their
+    row's dispatching rank, plus every rank's combined rows to every rank."""
+    from distgen.placement.metrics import cross_rank_fraction, rank_loads
 
     compute = comm = 0.0
     share = tokens_per_step * trace.top_k / max(1.0, float(trace.loads.sum(axis=1).mean()))
+    # first MoE layer: rows sliced evenly, a choice stays home with probability 1 / ranks; later
+    # layers: rows sit where their previous first choice was, so the co-routing metric applies
+    later = cross_rank_fraction(policy_layers, trace)
     for i, layer in enumerate(trace.layers):
         slots = policy_layers[layer]
         loads = rank_loads(slots, trace.loads[i]) * share  # token-choices per rank this step
         experts_here = max(len(s) for s in slots)
         compute += float(loads.max()) * expert_cost["per_token_s"] + experts_here * expert_cost["fixed_s"]
-        # rows are sliced evenly over home ranks and replicas are taken in turn, so a choice is
-        # served on its home rank with probability 1 / ranks whatever the placement
-        local = 1.0 / ranks
-        leaving = tokens_per_step * trace.top_k * (1 - local) / ranks  # rows one rank sends
-        payload = 2 * leaving * hidden * bytes_per_value  # there and back
-        comm += payload * 8 / (link_gbps * 1e9) + 2 * (ranks - 1) * link_latency_us * 1e-6
+        leaving = 1 - 1.0 / ranks if i == 0 else later
+        rows_out = tokens_per_step * trace.top_k * leaving / ranks  # choices one rank sends, on average
+        payload = (2 * rows_out + tokens_per_step / ranks * (ranks - 1)) * hidden * bytes_per_value
+        comm += payload * 8 / (link_gbps * 1e9) + 3 * (ranks - 1) * link_latency_us * 1e-6
     return {"compute_seconds_per_step": compute, "communication_seconds_per_step": comm,
             "moe_seconds_per_step": compute + comm}
 
 
-def _model_dir(model: str | None) -> str:
-    if model is None or model == "smollm2-moe":
-        from distgen.models.smollm2_moe import smollm2_moe_dir
-
-        return str(smollm2_moe_dir())
-    return model
-
-
 def bench_moe(args) -> dict:
     from distgen.cli import launch
-    from distgen.cli_text import resolve_nproc
+    from distgen.cli_text import resolve_model, resolve_nproc
     from distgen.models.checkpoint import DTYPES as TORCH_DTYPES
     from distgen.models.checkpoint import load_tokenizer, open_checkpoint
     from distgen.parallel.expert import moe_layers
@@ -129,7 +124,7 @@ def bench_moe(args) -> dict:
     for name in ("batch_size", "max_new_tokens", "repeats", "ranks"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    checkpoint = open_checkpoint(_model_dir(args.model))
+    checkpoint = open_checkpoint(resolve_model(args.model or "smollm2-moe"))
     config = checkpoint.config
     if config.moe is None:
         raise ConfigError(f"--model {checkpoint.directory} is a dense model ({config.architecture}); the MoE benchmark "

@@ -46,7 +46,9 @@ def _moe_shape(args) -> tuple[int, tuple[int, ...], int, str]:
     if args.model is not None:
         from distgen.models.checkpoint import open_checkpoint
 
-        config = open_checkpoint(args.model).config
+        from distgen.cli_text import resolve_model
+
+        config = open_checkpoint(resolve_model(args.model)).config
         if config.moe is None:
             raise ConfigError(f"--model {args.model} is a dense model ({config.architecture}): placement needs an "
                               "MoE checkpoint (Mixtral, Qwen2-MoE or Qwen3-MoE)")

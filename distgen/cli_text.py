@@ -23,8 +23,9 @@ LADDER_CAVEAT = (
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer); "
-                             "default: the embedded SmolLM2-135M-Instruct")
+                        help="Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer), or "
+                             "'smollm2-moe': the embedded MoE model (SmolLM2 split into 16 experts, Qwen2-MoE "
+                             "format; derived once into the cache); default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--parallel", default="",
                         help="degrees per axis, e.g. 'tp=2,pp=2' or 'tp=2,ep=2' (axes: tp, pp, ep; ep shares the tp ranks)")
     parser.add_argument("--ladder-layers", type=int, default=None,
@@ -183,6 +184,15 @@ def default_model_dir() -> str:
     return str(smollm2.model_dir())
 
 
+def resolve_model(model: str | None) -> str:
+    """--model: a checkpoint directory, the embedded MoE's name, or None (the embedded SmolLM2)."""
+    from distgen.models.smollm2_moe import CLI_NAME, smollm2_moe_dir
+
+    if model == CLI_NAME and not os.path.isdir(model):
+        return str(smollm2_moe_dir())
+    return model or default_model_dir()
+
+
 def encode_prompts(tokenizer, prompts: list[str], chat: str, system: str | None) -> list[list[int]]:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat == "on" and not has_template:
@@ -206,7 +216,7 @@ def prepare_text_job(args):
 
     parallel = ParallelConfig.parse(args.parallel)
     nproc = resolve_nproc(args, parallel)
-    model = args.model or default_model_dir()
+    model = resolve_model(args.model)
     checkpoint = open_checkpoint(model)
     tokenizer = load_tokenizer(checkpoint.directory)
     prompts = args.prompt or ["Explain tensor parallelism in one sentence."]
@@ -266,6 +276,13 @@ def generate_text(args) -> int:
           f"{run['decode_seconds']:.2f} s ({run['decode_seconds'] / decode_steps * 1000:.1f} ms/step); parallel "
           f"{job.parallel}, ladder layers {result['config']['ladder_layers']}/{result['config']['num_layers']}, "
           f"model {checkpoint.directory}", file=sys.stderr)
+    if job.parallel.degree("ep") > 1:
+        moved = sum(r["experts_moved_all_ranks"] for r in run["rebalances"])
+        print(f"distgen: experts: placement {job.placement_policy}, {sum(run['ep_bytes'])} bytes sent by rank 0 in "
+              f"expert exchanges, {sum(run['ep_wait_seconds']):.3f} s waiting; {len(run['rebalances'])} online "
+              f"rebalance(s), {moved} expert copies moved", file=sys.stderr)
+    if job.record_routing:
+        print(f"distgen: routing written to {job.record_routing}", file=sys.stderr)
     return 0
 
 

@@ -11,10 +11,11 @@ clip of frames:
   a scheduler that is not frame-wise (dynamic thresholding) gets the outputs all-gathered;
 * spatial layers act per frame and stay as they are; the temporal modules are replaced:
   - ``TemporalConvLayer`` -> :class:`_ClipTemporalConv`: halo frames from ranks i±1 (P2P),
-    exactly the receptive field of its 4 stacked k=3 convs, on interior sides only (the
-    video ends keep the convs' own zero padding). With clips shorter than 4 frames the halo
-    is fetched in stages (w frames every w convs). Its GroupNorms use statistics of the
-    whole video, computed over real frames only: halo frames are normalised, never counted;
+    on interior sides only (the video ends keep the convs' own zero padding): one frame per
+    conv stage, sent with that stage's GroupNorm statistics, or, without statistics
+    exchanged, the whole receptive field of its 4 stacked k=3 convs at once (in stages when
+    clips are shorter than 4 frames). Its GroupNorms use statistics of the whole video,
+    computed over real frames only: halo frames are normalised, never counted;
   - ``GroupNorm`` of ``TransformerTemporalModel`` / ``AnimateDiffTransformer3D`` (statistics
     across frames) -> :class:`_ClipGroupNorm` (whole-video statistics);
   - temporal self-attention (``attn1``/``attn2`` of those blocks) -> :class:`_ClipAttnProcessor`
@@ -129,8 +130,15 @@ class ClipState:
 
     @property
     def conv_halo(self) -> int:
-        """Halo frames fetched per stage by temporal convs (0: no exchange)."""
-        return min(4, min(self.lengths)) if "conv" in self.exchanges else 0
+        """Halo frames fetched per stage by temporal convs (0: no exchange).
+
+        With GroupNorm statistics exchanged, every conv stage synchronises anyway: one frame per
+        stage then rides along with the statistics and no rank computes a neighbour's frames.
+        Without them, one exchange of the whole receptive field (4 frames) saves three rounds.
+        """
+        if "conv" not in self.exchanges:
+            return 0
+        return 1 if "norm" in self.exchanges else min(4, min(self.lengths))
 
     # ------------------------------------------------------------------ stepping
     def new_request(self) -> None:
@@ -201,7 +209,9 @@ class ClipState:
             return mean, var
         return local[..., 1], local[..., 2] / local[..., 0]
 
-    def normalize(self, x: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` normalised with ``stats``; written into ``out`` (a view of a larger buffer) when given."""
         mean, var = stats
         groups = norm.num_groups
         # One pass over x: fold normalisation and affine into a per-(batch, channel) scale and shift.
@@ -212,7 +222,10 @@ class ClipState:
             scale = scale * norm.weight.float()
             shift = shift * norm.weight.float() + norm.bias.float()
         shape = x.shape[:2] + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(shape), x.float(), scale.view(shape)).to(x.dtype)
+        if out is not None and x.dtype == torch.float32:
+            return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
+        result = torch.addcmul(shift.view(shape), x.float(), scale.view(shape)).to(x.dtype)
+        return result if out is None else out.copy_(result)
 
     # ------------------------------------------------------------------ attention
     def full_kv(self, name: str, kv: torch.Tensor) -> torch.Tensor:
@@ -284,11 +297,11 @@ class ClipState:
 
 
 def _local_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(count, mean, M2) per (batch, group) of ``x`` (B, C, ...), fp32, two-pass (no cancellation)."""
+    """(count, mean, M2) per (batch, group) of ``x`` (B, C, ...), fp32 (Welford: no cancellation)."""
     grouped = x.float().reshape(x.shape[0], groups, -1)  # contiguous: fast reductions
-    mean = grouped.mean(-1)
-    m2 = torch.linalg.vector_norm(grouped - mean.unsqueeze(-1), dim=-1).square()
-    return torch.stack([torch.full_like(mean, grouped.shape[-1]), mean, m2], dim=-1)
+    var, mean = torch.var_mean(grouped, dim=-1, correction=0)
+    count = grouped.shape[-1]
+    return torch.stack([torch.full_like(mean, count), mean, var * count], dim=-1)
 
 
 def _merge_stats(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,8 +330,10 @@ class _ClipGroupNorm(nn.Module):
 class _ClipTemporalConv(nn.Module):
     """``TemporalConvLayer`` (4 x [GroupNorm, SiLU, Dropout, Conv3d k=(3,1,1)]) on one clip.
 
-    Interior sides get halo frames of the neighbours' activations, enough for the remaining
-    convs (each k=3 conv consumes one frame per side); the video ends keep zero padding.
+    Interior sides get halo frames of the neighbours' activations (``ClipState.conv_halo`` per
+    exchange; each k=3 conv consumes one frame per side); the video ends keep zero padding.
+    A stage that fetches a halo sends the neighbours its raw edge frames while the GroupNorm
+    statistics of its own frames travel, then normalises own and halo frames alike.
     """
 
     def __init__(self, layer: nn.Module, state: ClipState, name: str):
@@ -341,6 +356,7 @@ class _ClipTemporalConv(nn.Module):
         has_prev = width > 0 and state.rank > 0
         has_next = width > 0 and state.rank < state.world - 1
         h, left = x, 0  # `left`: halo frames still attached on each interior side
+        lead, trail = (0 if has_prev else 1), (0 if has_next else 1)  # the convs' own zero padding at video ends
         for i, seq in enumerate(self.stages):
             name = f"{self.name}.{i}"
             if width and left == 0:
@@ -349,15 +365,25 @@ class _ClipTemporalConv(nn.Module):
                 begun = state.halo_begin(name, h[:, :, :left], h[:, :, -left:])
                 stats = state.norm_stats(h, seq[0], name)
                 from_prev, from_next = state.halo_end(name, begun)
-                h = torch.cat([p for p in (from_prev, h, from_next) if p is not None], dim=2)
-                h = state.normalize(h, seq[0], stats)
+                parts = [p for p in (from_prev, h, from_next) if p is not None]
             else:
                 own_start = left if has_prev else 0
-                h = state.group_norm(h, seq[0], name, slice(own_start, own_start + num_frames))
-            for module in seq[1:-1]:  # SiLU, Dropout
-                h = module(h)
+                stats = state.norm_stats(h[:, :, own_start:own_start + num_frames], seq[0], name)
+                parts = [h]
+            # Normalise every part straight into one buffer that also holds the zero padding: no
+            # concatenation, no padded copy.
+            frames = sum(p.shape[2] for p in parts)
+            buffer = h.new_empty(h.shape[:2] + (lead + frames + trail,) + h.shape[3:])
+            offset = lead
+            for part in parts:
+                state.normalize(part, seq[0], stats, out=buffer[:, :, offset:offset + part.shape[2]])
+                offset += part.shape[2]
+            buffer[:, :, :lead].zero_()
+            buffer[:, :, offset:].zero_()
+            h = buffer
+            for module in seq[1:-1]:  # SiLU (in place: silu(0) = 0 keeps the padding), Dropout
+                h = F.silu(h, inplace=True) if isinstance(module, nn.SiLU) else module(h)
             conv = seq[-1]
-            h = F.pad(h, (0, 0, 0, 0, 0 if has_prev else 1, 0 if has_next else 1))
             h = F.conv3d(h, conv.weight, conv.bias, conv.stride, (0,) + tuple(conv.padding[1:]), conv.dilation, conv.groups)
             left = max(0, left - 1)
         h = identity + h
