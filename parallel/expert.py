@@ -17,8 +17,8 @@ token rows when the MoE block starts. Per MoE layer:
 3. each row has one dispatching rank (:class:`Dispatch`): even slices in the first MoE layer,
    afterwards the rank that served the row's first choice in the previous MoE layer, so
    rows whose consecutive experts share a rank (tuner placement) do not move; per-(rank,
-   slot) counts go out by an even all-to-all, then the rows (grouped by destination rank and
-   slot) by an uneven all-to-all;
+   slot) counts need no message (every rank computes them for the whole group from the
+   routing), the rows (grouped by destination rank and slot) go out by an uneven all-to-all;
 4. each rank runs its slots on what it received, results return by the reverse all-to-all
    and are summed with their routing weights; the shared expert (Qwen2-MoE) runs on the
    dispatching rank;
@@ -245,9 +245,13 @@ class ExpertParallelBlock(nn.Module):
         k = experts.shape[1]
         token = torch.arange(here.numel(), device=x.device).repeat_interleave(k)
         order = torch.argsort(destination, stable=True)
-        counts = torch.bincount(destination, minlength=world * per_rank).view(world, per_rank)
-        received = engine.all_to_all(counts.contiguous())  # (world, per_rank): rows each rank sends to my slots
-        send_counts, recv_counts = counts.sum(1).tolist(), received.sum(1).tolist()
+        # Every rank knows every row's owner and destination, so the counts need no exchange:
+        # pairs[src, dst rank, dst slot] for the whole group, computed alike everywhere.
+        source = owner.repeat_interleave(k)
+        pairs = torch.bincount(source * world * per_rank + destinations.reshape(-1).cpu(),
+                               minlength=world * world * per_rank).view(world, world, per_rank)
+        received = pairs[:, rank].to(x.device)  # (world, per_rank): rows each rank sends to my slots
+        send_counts, recv_counts = pairs[rank].sum(1).tolist(), received.sum(1).tolist()
         mine = x[here]
         got = engine.all_to_all(mine[token[order]], send_counts, recv_counts)
         got_slot = torch.arange(per_rank, device=x.device).repeat(world).repeat_interleave(received.flatten())
