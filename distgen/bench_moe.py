@@ -219,4 +219,8 @@ def bench_moe(args) -> dict:
             config.hidden_size, dtype.itemsize, cost, args.link_gbps, args.link_latency_us) | {
             k: v for k, v in summary(placement, trace).items() if not isinstance(v, (list, dict))}
     report["projection"] = projection
+    if args.peer == "deepspeed":
+        from distgen.bench_moe_peer import bench_peer
+
+        report["peer"] = bench_peer(args, config, nproc)
     return report

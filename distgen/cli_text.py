@@ -27,7 +27,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "'smollm2-moe': the embedded MoE model (SmolLM2 split into 16 experts, Qwen2-MoE "
                              "format; derived once into the cache); default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--parallel", default="",
-                        help="degrees per axis, e.g. 'tp=2,pp=2' or 'tp=2,ep=2' (axes: tp, pp, ep; ep shares the tp ranks)")
+                        help="degrees per axis, e.g. 'tp=2,pp=2', 'tp=2,ep=2' or 'dp=2,ep=2' (axes: dp, tp, pp, ep; "
+                             "ep shares the dp x tp ranks; dp: each rank its own share of the prompts)")
     parser.add_argument("--ladder-layers", type=int, default=None,
                         help="run the upper K layers with Ladder Residual wiring (default: the checkpoint's "
                              "config.json 'ladder_layers', else 0)")
@@ -98,6 +99,8 @@ def register(generate_kinds, bench_kinds) -> None:
     moe.add_argument("--comm-timeout", type=float, default=300.0)
     moe.add_argument("--threads-per-rank", type=int, default=1)
     moe.add_argument("--no-baseline", action="store_true", help="skip the single-rank run (needs --routing)")
+    moe.add_argument("--peer", default=None, choices=("deepspeed",),
+                     help="also time one MoE layer of the same shape in DeepSpeed's MoE (optional extra) vs ours")
     moe.set_defaults(handler=bench_moe)
 
 

@@ -65,12 +65,13 @@ class ParallelConfig:
         return size
 
     def mesh_degree(self, axis: str) -> int:
-        """Ranks an axis adds to the mesh. ``ep`` shares ``tp``'s ranks (attention tensor-parallel,
-        experts expert-parallel over the same ranks, as vLLM does): it adds ep / tp replicas."""
+        """Ranks an axis adds to the mesh. ``ep`` shares the ranks of ``dp`` x ``tp`` (attention data-
+        and tensor-parallel, experts expert-parallel over the same ranks, as vLLM does): it adds
+        ep / (dp x tp) replicas."""
         degree = self.degrees.get(axis, 1)
-        if axis == "ep":
-            tp = self.degrees.get("tp", 1)
-            return degree // tp if degree % tp == 0 else degree
+        if axis == "ep" and degree > 1:
+            shared = self.degrees.get("tp", 1) * self.degrees.get("dp", 1)
+            return degree // shared if degree % shared == 0 else degree
         return degree
 
     @property
@@ -84,15 +85,15 @@ class ParallelConfig:
                 raise ConfigError(
                     f"--parallel: axis {axis!r} is not available for this workload; allowed: {', '.join(allowed_axes)}"
                 )
-        ep, tp = self.degree("ep"), self.degree("tp")
-        if ep > 1 and tp > 1 and ep % tp:
-            valid = ", ".join(str(tp * k) for k in range(1, 5))
-            raise ConfigError(f"--parallel: ep={ep} must be a multiple of tp={tp} (experts are spread over the tp "
-                              f"ranks and ep / tp replicas of them); valid ep degrees: {valid}, ...")
+        ep, tp, dp = self.degree("ep"), self.degree("tp"), self.degree("dp")
+        if ep > 1 and ep % (tp * dp):
+            valid = ", ".join(str(tp * dp * k) for k in range(1, 5))
+            raise ConfigError(f"--parallel: ep={ep} must be a multiple of dp x tp = {dp * tp} (experts are spread over "
+                              f"the dp x tp ranks and ep / (dp x tp) replicas of them); valid ep degrees: {valid}, ...")
         if self.world_size != world_size:
             product = " x ".join(f"{a}={self.mesh_degree(a)}" for a in self.degrees) or "(none)"
-            if ep > 1 and tp > 1:
-                product += f" (ep={ep} shares the tp ranks)"
+            if ep > 1 and tp * dp > 1:
+                product += f" (ep={ep} shares the dp x tp ranks)"
             raise ConfigError(
                 f"--parallel: the product of the degrees ({product} = {self.world_size}) must equal the number of "
                 f"ranks (--nproc / WORLD_SIZE = {world_size})"

@@ -125,19 +125,20 @@ def check_job(job, config) -> None:
             check_layers(layers, experts, moe_layers(config), ep, f"placement {name}")
 
 
-def expert_group(ctx, ep: int, tp: int) -> dist.ProcessGroup | None:
-    """The ranks that share one expert pool: this rank's tp ranks and their ep / tp replicas."""
+def expert_group(ctx, parallel) -> dist.ProcessGroup | None:
+    """The ranks that share one expert pool: every dp x ep-replica x tp rank of this pipeline
+    stage, ordered dp-major (so the ranks holding the same rows are consecutive)."""
+    ep = parallel.degree("ep")
     if ep == 1:
         return None
-    if ep == tp:
-        return ctx.group("tp")
-    if tp == 1:
-        return ctx.group("ep")
     mesh = ctx.mesh
     names = tuple(mesh.mesh_dim_names)
-    if names[-2:] != ("ep", "tp"):
-        raise RuntimeError(f"expert group: expected ep and tp as the innermost mesh axes, got {names}")
-    rows = mesh.mesh.reshape(-1, ep).tolist()
+    ranks = mesh.mesh
+    if "pp" in names:
+        ranks = ranks.movedim(names.index("pp"), 0)
+    rows = ranks.reshape(parallel.degree("pp"), -1).tolist()
+    if len(rows[0]) != ep:
+        raise RuntimeError(f"expert group: {len(rows[0])} ranks per stage for ep={ep} (mesh {names})")
     mine = None
     for row in rows:  # every rank creates every group, in the same order
         group = dist.new_group(row)
@@ -171,14 +172,19 @@ class Dispatch:
     cross ranks.
     """
 
-    def __init__(self, first_layer: int):
+    def __init__(self, first_layer: int, siblings: range):
         self.first_layer = first_layer
+        # the ep-group ranks that hold the same rows as this one (all of them without dp)
+        self.siblings = siblings
         self.owner: torch.Tensor | None = None
 
-    def owners(self, layer: int, rows: int, world: int) -> torch.Tensor:
-        if layer != self.first_layer and self.owner is not None and self.owner.numel() == rows:
-            return self.owner
-        return (torch.arange(rows) * world) // max(rows, 1)  # even slices, rank r first
+    def owners(self, layer: int, rows: int) -> torch.Tensor:
+        first, count = self.siblings.start, len(self.siblings)
+        sliced = first + (torch.arange(rows) * count) // max(rows, 1)  # even slices, lowest rank first
+        if layer == self.first_layer or self.owner is None or self.owner.numel() != rows:
+            return sliced
+        keep = (self.owner >= first) & (self.owner < first + count)  # only a sibling holds the row
+        return torch.where(keep, self.owner, sliced)
 
 
 class ExpertParallelBlock(nn.Module):
@@ -188,7 +194,7 @@ class ExpertParallelBlock(nn.Module):
         self.inner = MoEBlock(block.gate.in_features, block.spec, slot_experts=slots[engine.rank])
         self.inner.layer = block.layer
         self.engine = engine
-        self.dispatch = dispatch or Dispatch(block.layer)
+        self.dispatch = dispatch or Dispatch(block.layer, range(engine.world))
         self.set_slots(slots)
 
     @property
@@ -237,7 +243,7 @@ class ExpertParallelBlock(nn.Module):
         weights, experts = self.inner.routing(x)  # every row, the same on every rank
         engine, world, rank, per_rank = self.engine, self.engine.world, self.engine.rank, self.slots_per_rank
         rows = x.shape[0]
-        owner = self.dispatch.owners(self.layer, rows, world)
+        owner = self.dispatch.owners(self.layer, rows)
         here = (owner == rank).nonzero().flatten().to(x.device)
         destinations = self._destinations(experts)
         self.dispatch.owner = (destinations[:, 0] // per_rank).cpu()  # next layer: where the first choice went
@@ -245,13 +251,19 @@ class ExpertParallelBlock(nn.Module):
         k = experts.shape[1]
         token = torch.arange(here.numel(), device=x.device).repeat_interleave(k)
         order = torch.argsort(destination, stable=True)
-        # Every rank knows every row's owner and destination, so the counts need no exchange:
-        # pairs[src, dst rank, dst slot] for the whole group, computed alike everywhere.
-        source = owner.repeat_interleave(k)
-        pairs = torch.bincount(source * world * per_rank + destinations.reshape(-1).cpu(),
-                               minlength=world * world * per_rank).view(world, world, per_rank)
-        received = pairs[:, rank].to(x.device)  # (world, per_rank): rows each rank sends to my slots
-        send_counts, recv_counts = pairs[rank].sum(1).tolist(), received.sum(1).tolist()
+        if len(self.dispatch.siblings) == world:
+            # Every rank knows every row's owner and destination, so the counts need no exchange:
+            # pairs[src, dst rank, dst slot] for the whole group, computed alike everywhere.
+            source = owner.repeat_interleave(k)
+            pairs = torch.bincount(source * world * per_rank + destinations.reshape(-1).cpu(),
+                                   minlength=world * world * per_rank).view(world, world, per_rank)
+            received = pairs[:, rank].to(x.device)  # (world, per_rank): rows each rank sends to my slots
+            send_counts = pairs[rank].sum(1).tolist()
+        else:  # dp: other ranks hold other rows, so each tells each how many it sends
+            counts = torch.bincount(destination, minlength=world * per_rank).view(world, per_rank)
+            received = engine.all_to_all(counts.contiguous())
+            send_counts = counts.sum(1).tolist()
+        recv_counts = received.sum(1).tolist()
         mine = x[here]
         got = engine.all_to_all(mine[token[order]], send_counts, recv_counts)
         got_slot = torch.arange(per_rank, device=x.device).repeat(world).repeat_interleave(received.flatten())
@@ -269,12 +281,13 @@ class ExpertParallelBlock(nn.Module):
         return self._gather_rows(out, owner).reshape(shape)
 
     def _gather_rows(self, out: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        """Every rank gets every row: each rank's rows to all (uneven, no padding)."""
-        world = self.engine.world
+        """Every sibling gets every row of theirs: each rank's rows to its siblings (uneven, no padding)."""
+        world, siblings = self.engine.world, self.dispatch.siblings
         if world == 1:
             return out
         counts = torch.bincount(owner, minlength=world).tolist()
-        parts = self.engine.all_to_all(out.repeat(world, 1), [out.shape[0]] * world, counts)
+        sends = [out.shape[0] if peer in siblings else 0 for peer in range(world)]
+        parts = self.engine.all_to_all(out.repeat(len(siblings), 1), sends, counts)
         full = out.new_empty((owner.numel(),) + out.shape[1:])
         full[owner.to(out.device).argsort(stable=True)] = parts  # parts: rank 0's rows, then rank 1's, ...
         return full
@@ -342,8 +355,12 @@ def set_observer(model, observer) -> None:
         (block.inner if isinstance(block, ExpertParallelBlock) else block).observer = observer
 
 
-def apply(model, engine: ExchangeEngine, placement: dict[int, list[list[int]]] | None = None) -> None:
-    """Replace each MoE block of ``model`` (meta device) by this rank's expert slots."""
+def apply(model, engine: ExchangeEngine, placement: dict[int, list[list[int]]] | None = None,
+          siblings: range | None = None) -> None:
+    """Replace each MoE block of ``model`` (meta device) by this rank's expert slots.
+
+    ``siblings``: the ep-group ranks holding the same rows as this one (default: all; with dp,
+    the ranks of this rank's dp index)."""
     dispatch = None
     for index in model.layer_indices:
         layer = model.model.layers[str(index)]
@@ -351,7 +368,7 @@ def apply(model, engine: ExchangeEngine, placement: dict[int, list[list[int]]] |
             continue
         slots = (placement or {}).get(index) or round_robin(layer.mlp.spec.num_experts, engine.world)
         validate(sum(len(s) for s in slots), engine.world)
-        dispatch = dispatch or Dispatch(index)  # this stage's first MoE layer slices the rows
+        dispatch = dispatch or Dispatch(index, siblings or range(engine.world))  # first MoE layer: slices
         block = ExpertParallelBlock(layer.mlp, slots, engine, dispatch)
         layer.mlp = block.inner
         # sources for the inner block's slots, then re-prefix them under the wrapper

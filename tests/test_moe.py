@@ -250,3 +250,19 @@ def test_moe_bad_input_before_launch(checkpoints, capsys, tmp_path):
     err = cli_error(capsys, "generate", "text", "--model", mixtral, "--parallel", "ep=2", "--chat", "off",
                     "--placement", "fastest")
     assert "--placement" in err and "round-robin" in err and "tuner" in err
+    err = cli_error(capsys, "generate", "text", "--model", mixtral, "--parallel", "dp=2,ep=3", "--nproc", "2",
+                    "--chat", "off")
+    assert "ep=3" in err and "multiple of dp x tp = 2" in err
+    err = cli_error(capsys, "generate", "text", "--model", mixtral, "--parallel", "dp=2,pp=2", "--chat", "off")
+    assert "dp" in err and "pp" in err
+
+
+@pytest.mark.timeout(180)
+def test_data_parallel_sequences_share_one_expert_pool(checkpoints):
+    """dp=2,ep=2 on 2 ranks: each rank decodes its own share of the batch (2 + 1 sequences; the single
+    sequence leaves rank 0 none), experts split over both; merged result equals transformers."""
+    directory, hf_model = checkpoints["qwen2_moe"]
+    results = run_ranks(directory, "dp=2,ep=2", requests=(GREEDY, SINGLE))
+    diff = _check_both(results, hf_model)
+    print(f"qwen2_moe dp=2,ep=2: max abs logit diff {diff:.2e}")
+    assert diff <= ATOL

@@ -21,7 +21,7 @@ import torch
 from distgen.comm import CommStats, ExchangeEngine
 from distgen.config import DTYPES, ConfigError, ParallelConfig
 
-TEXT_AXES = ("pp", "ep", "tp")
+TEXT_AXES = ("dp", "pp", "ep", "tp")
 # Residual wirings a benchmark alternates between in the same processes (TextJob.wirings):
 # standard; Ladder on the upper TextJob.ladder_layers layers (all when None); standard with every
 # tp all-reduce skipped (wrong output: the speed ceiling).
@@ -95,6 +95,13 @@ def check_job(job: TextJob, checkpoint, nproc: int) -> None:
     config = checkpoint.config
     name = checkpoint.directory
     job.parallel.validate(nproc, TEXT_AXES)
+    if job.parallel.degree("dp") > 1:
+        if job.parallel.degree("pp") > 1:
+            raise ConfigError("--parallel: dp (each rank its own sequences) does not combine with pp yet; use dp with "
+                              "tp and/or ep")
+        if job.rebalance_interval is not None or job.record_routing:
+            raise ConfigError("--rebalance-interval / --record-routing: not with dp yet (each dp rank routes other "
+                              "sequences); use ep with tp, or one rank, to record or rebalance")
     expert.check_job(job, config)
     if job.dtype not in DTYPES:
         raise ConfigError(f"--dtype: unknown dtype {job.dtype!r}; allowed: {', '.join(DTYPES)}")
@@ -216,9 +223,15 @@ class TextGenerator:
             layers = pipeline.apply(model, self.pp_engine.rank, pp)
         if tp > 1:
             tensor.apply(model, ExchangeEngine(ctx.group("tp"), self.tp_stats, ctx.device), communicate=job.communicate)
-        if ep > 1:  # experts over the tp ranks and their ep / tp replicas
-            self.ep_engine = ExchangeEngine(expert.expert_group(ctx, ep, tp), self.ep_stats, ctx.device)
-            expert.apply(model, self.ep_engine, job.placement)
+        dp = job.parallel.degree("dp")
+        # dp ranks decode their own sequences, but with ep they share the experts: every rank then
+        # takes part in every expert exchange until all are done (lockstep)
+        self.lockstep = dp > 1 and ep > 1
+        if ep > 1:  # experts over the dp x tp ranks and their ep / (dp x tp) replicas
+            self.ep_engine = ExchangeEngine(expert.expert_group(ctx, job.parallel), self.ep_stats, ctx.device)
+            share = ep // dp  # consecutive ep-group ranks holding the same rows
+            first = (ctx.axis_rank("dp") if dp > 1 else 0) * share
+            expert.apply(model, self.ep_engine, job.placement, siblings=range(first, first + share))
         self.recorder = None
         if config.moe is not None and (job.record_routing or job.rebalance_interval):
             from distgen.placement.routing import RoutingRecorder
@@ -269,14 +282,39 @@ class TextGenerator:
                   for i, layer in enumerate(self.recorder.layers)}
         return {"step": step} | self.set_placement(layers)
 
+    def _anyone(self, decoding: bool) -> bool:
+        """Lockstep: does any rank of the expert group still decode? (one tiny all-reduce)"""
+        flag = torch.tensor([1.0 if decoding else 0.0], device=self.device)
+        return bool(self.ep_engine.all_reduce(flag)[0] > 0)
+
+    def _null_pass(self) -> None:
+        """Lockstep, nothing to decode here: take part in every MoE layer's exchanges with zero rows."""
+        from distgen.parallel import expert
+
+        empty = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for block in expert.blocks(self.model):
+            block(empty)
+
+    def _follow(self, request: TextRequest) -> "TextResult":
+        """A dp rank with no sequences in this request: the prefill and every step, with zero rows."""
+        self._null_pass()
+        for _ in range(request.max_new_tokens):
+            if not self._anyone(False):
+                break
+            self._null_pass()
+        return TextResult(tokens=[])
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def generate(self, request: TextRequest) -> TextResult:
+    def generate(self, request: TextRequest, row_offset: int = 0) -> TextResult:
+        """``row_offset``: index of the first sequence in the whole batch (dp shards), for sampling seeds."""
         model, schedule, device = self.model, self.schedule, self.device
         batch = request.batch_size
+        if batch == 0:
+            return self._follow(request) if self.lockstep else TextResult(tokens=[])
         prompt_len = max(len(p) for p in request.prompt_ids)
         new = request.max_new_tokens
         total = prompt_len + new
@@ -293,7 +331,8 @@ class TextGenerator:
 
         micro = self.job.micro_batches or (min(self.pp, batch) if self.pp > 1 else 1)
         bounds = [(batch * i // micro, batch * (i + 1) // micro) for i in range(micro)]
-        generators = [torch.Generator(device="cpu").manual_seed(request.seed * 1_000_003 + row) for row in range(batch)]
+        generators = [torch.Generator(device="cpu").manual_seed(request.seed * 1_000_003 + row_offset + row)
+                      for row in range(batch)]
         eos = torch.tensor(request.eos_token_ids or [-1], dtype=torch.long)
 
         def sample(m: int, logits: torch.Tensor) -> torch.Tensor:
@@ -374,7 +413,20 @@ class TextGenerator:
         active = list(range(micro))
         for step in range(new):
             advanced = 0
-            for m in list(active):
+            if self.lockstep:  # pp = 1, one micro-batch: all ranks agree first whether anyone decodes
+                going = []
+                for m in list(active):
+                    more, chosen = learn(m, step)
+                    del known[m]
+                    (going.append((m, chosen)) if more else active.remove(m))
+                if not self._anyone(bool(going)):
+                    break
+                if not going:
+                    self._null_pass()
+                for m, chosen in going:
+                    launch(m, chosen[:, None], step + 1)
+                    advanced += bounds[m][1] - bounds[m][0]
+            for m in [] if self.lockstep else list(active):
                 more, chosen = learn(m, step)
                 del known[m]
                 if not more:
@@ -386,7 +438,7 @@ class TextGenerator:
                 advanced += stop - start
             if advanced:
                 record_step(advanced)
-            if not active:
+            if not active and not self.lockstep:
                 break
             interval = self.job.rebalance_interval
             if interval and (step + 1) % interval == 0:
@@ -404,18 +456,52 @@ class TextGenerator:
         return result
 
 
+def _merge_dp_shards(results: list[dict], ctx, dp_index: int) -> list[dict]:
+    """Rank 0: every result with the sequences of all dp shards, in batch order (left-padded prefill
+    logits to the longest prompt). Timings and byte counts stay rank 0's. Bookkeeping after the
+    work: one object gather."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * ctx.world_size
+    dist.all_gather_object(everyone, (dp_index, results))
+    shards = {}
+    for index, shard in everyone:
+        shards.setdefault(index, shard)  # one rank per dp index (its tp / ep siblings hold the same)
+    ordered = [shards[i] for i in sorted(shards)]
+    merged = []
+    for i, result in enumerate(results):
+        parts = [shard[i] for shard in ordered]
+        out = dict(result)
+        out["tokens"] = [t for part in parts for t in part["tokens"]]
+        logits = [p["prefill_logits"] for p in parts if p["prefill_logits"] is not None]
+        if logits:
+            longest = max(t.shape[1] for t in logits)
+            out["prefill_logits"] = torch.cat([torch.nn.functional.pad(t, (0, 0, longest - t.shape[1], 0)) for t in logits])
+            steps = [p["step_logits"] for p in parts if p["step_logits"] is not None]
+            out["step_logits"] = [torch.cat([s[k] for s in steps]) for k in range(min(len(s) for s in steps))]
+        merged.append(out)
+    return merged
+
+
 def run_text_job(job: TextJob, ctx) -> dict | None:
     """Rank 0 returns one result per request (per request and wiring, in that order, with wirings)."""
     generator = TextGenerator(job, ctx)
+    dp = job.parallel.degree("dp")
+    dp_index = ctx.axis_rank("dp") if dp > 1 else 0
     results = []
     for placement, layers in job.placements or ((None, None),):
         moved = generator.set_placement(layers) if layers is not None else None
         for request in job.requests:
+            # dp: this rank's contiguous share of the batch (possibly none)
+            first = request.batch_size * dp_index // dp
+            mine = dataclasses.replace(request, prompt_ids=request.prompt_ids[first:request.batch_size * (dp_index + 1) // dp])
             for wiring in job.wirings or (None,):
                 if wiring is not None:
                     generator.set_wiring(wiring)
-                results.append(dataclasses.asdict(generator.generate(request))
+                results.append(dataclasses.asdict(generator.generate(mine, row_offset=first))
                                | {"wiring": wiring, "placement": placement, "migration": moved})
+    if dp > 1:
+        results = _merge_dp_shards(results, ctx, dp_index)
     if job.parallel.degree("ep") > 1:
         # every rank's expert bytes to every rank, per request (bookkeeping, not activations: one
         # object gather after the work)
