@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from distgen.config import ConfigError, ParallelConfig
+from distgen.config import ConfigError, ParallelConfig, parse_choices
 
 PROMPTS = (
     "Explain how a bicycle stays upright.",
@@ -115,12 +115,7 @@ def bench_moe(args) -> dict:
     if ep < 2:
         raise ConfigError(f"--parallel: the MoE benchmark compares placements over expert-parallel ranks; give ep >= 2 "
                           f"(got {parallel})")
-    policies = tuple(dict.fromkeys(p.strip() for p in args.compare.split(",") if p.strip()))
-    for policy in policies:
-        if policy not in POLICIES:
-            raise ConfigError(f"--compare: unknown policy {policy!r}; allowed: {', '.join(POLICIES)}")
-    if not policies:
-        raise ConfigError(f"--compare: give at least one of {', '.join(POLICIES)}")
+    policies = parse_choices(args.compare, POLICIES, "--compare", "policy")
     for name in ("batch_size", "max_new_tokens", "repeats", "ranks"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")

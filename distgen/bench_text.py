@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from distgen.config import ConfigError, ParallelConfig
+from distgen.config import ConfigError, ParallelConfig, parse_choices
 from distgen.runtime.text import WIRINGS
 
 
@@ -81,12 +81,7 @@ def bench_text(args) -> dict:
 
     parallel = ParallelConfig.parse(args.parallel)
     nproc = resolve_nproc(args, parallel)
-    wirings = tuple(dict.fromkeys(w.strip() for w in args.compare.split(",") if w.strip()))
-    for wiring in wirings:
-        if wiring not in WIRINGS:
-            raise ConfigError(f"--compare: unknown wiring {wiring!r}; allowed: {', '.join(WIRINGS)}")
-    if not wirings:
-        raise ConfigError(f"--compare: give at least one of {', '.join(WIRINGS)}")
+    wirings = parse_choices(args.compare, WIRINGS, "--compare", "wiring")
     try:
         batch_sizes = [int(b) for b in args.batch_size.split(",") if b.strip()]
     except ValueError:

@@ -40,15 +40,33 @@ def _add_image_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> Non
     sp_help = "comma list of sp modes to compare" if bench else "sequence parallelism (DiTs)"
     parser.add_argument("--sp-mode", default="ulysses" if not bench else "ulysses,ring", help=f"{sp_help}: {', '.join(SP_MODES)}")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
-    parser.add_argument("--nproc", type=int, default=None, help="ranks to start (default: product of --parallel degrees)")
-    parser.add_argument("--launcher", default="auto", choices=LAUNCHERS, help="auto: torchrun if run under it, else spawn")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster or a local one)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the whole job is stopped")
-    parser.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+    add_launch_arguments(parser)
 
 
 # Modules with a register(generate_kinds, bench_kinds) function, one per workload.
 WORKLOAD_COMMANDS: tuple[str, ...] = ("distgen.cli_text", "distgen.cli_video")
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser, timeout_s: float = 1800.0) -> None:
+    """How to start the ranks: the same options for every workload."""
+    parser.add_argument("--nproc", type=int, default=None, help="ranks to start (default: product of --parallel degrees)")
+    parser.add_argument("--launcher", default="auto", choices=LAUNCHERS, help="auto: torchrun if run under it, else spawn")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster or a local one)")
+    parser.add_argument("--timeout", type=float, default=timeout_s, help="seconds before the whole job is stopped")
+    parser.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+
+
+def resolve_nproc(args, parallel: ParallelConfig) -> int:
+    """--nproc, else torchrun's WORLD_SIZE, else the product of the --parallel degrees."""
+    if args.nproc is not None:
+        nproc = args.nproc
+    elif in_torchrun_env():
+        nproc = int(os.environ["WORLD_SIZE"])
+    else:
+        nproc = parallel.world_size
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    return nproc
 
 
 def _register_image(generate_kinds, bench_kinds) -> None:
@@ -93,14 +111,7 @@ def prepare_image_job(
     from distgen.models.tiny import DEFAULT_MODEL, preset_dir
 
     parallel = ParallelConfig.parse(args.parallel)
-    if args.nproc is not None:
-        nproc = args.nproc
-    elif in_torchrun_env():
-        nproc = int(os.environ["WORLD_SIZE"])
-    else:
-        nproc = parallel.world_size
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    nproc = resolve_nproc(args, parallel)
     parallel.validate(nproc, IMAGE_AXES)
     request = ImageRequest(
         prompt=args.prompt,

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from distgen.config import DTYPES, LAUNCHERS, ConfigError, ParallelConfig
+from distgen.config import DTYPES, ConfigError, ParallelConfig
 
 LADDER_CAVEAT = (
     "Ladder Residual is a different function from the standard residual: converting the upper {k} layer(s) of a "
@@ -35,11 +35,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batches", type=int, default=None,
                         help="pipeline micro-batches (default: pp, at most the batch size)")
     parser.add_argument("--dtype", default="fp32", help=f"{', '.join(DTYPES)}")
-    parser.add_argument("--nproc", type=int, default=None, help="ranks to start (default: product of --parallel degrees)")
-    parser.add_argument("--launcher", default="auto", choices=LAUNCHERS, help="auto: torchrun if run under it, else spawn")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster or a local one)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the whole job is stopped")
-    parser.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+    from distgen.cli import add_launch_arguments
+
+    add_launch_arguments(parser)
 
 
 def register(generate_kinds, bench_kinds) -> None:
@@ -92,11 +90,9 @@ def register(generate_kinds, bench_kinds) -> None:
     moe.add_argument("--link-gbps", type=float, default=100.0, help="projection: link bandwidth, Gbit/s per rank")
     moe.add_argument("--link-latency-us", type=float, default=10.0, help="projection: per-message latency")
     moe.add_argument("--dtype", default="fp32", help=f"{', '.join(DTYPES)}")
-    moe.add_argument("--nproc", type=int, default=None, help="ranks to start (default: product of --parallel degrees)")
-    moe.add_argument("--launcher", default="auto", choices=LAUNCHERS)
-    moe.add_argument("--ray-address", default=None)
-    moe.add_argument("--timeout", type=float, default=1800.0)
-    moe.add_argument("--comm-timeout", type=float, default=300.0)
+    from distgen.cli import add_launch_arguments
+
+    add_launch_arguments(moe)
     moe.add_argument("--threads-per-rank", type=int, default=1)
     moe.add_argument("--no-baseline", action="store_true", help="skip the single-rank run (needs --routing)")
     moe.add_argument("--peer", default=None, choices=("deepspeed",),
@@ -168,17 +164,9 @@ def resolve_placement(args, config, parallel: ParallelConfig) -> dict:
 
 
 def resolve_nproc(args, parallel: ParallelConfig) -> int:
-    from distgen.cli import in_torchrun_env
+    from distgen.cli import resolve_nproc as resolve
 
-    if args.nproc is not None:
-        nproc = args.nproc
-    elif in_torchrun_env():
-        nproc = int(os.environ["WORLD_SIZE"])
-    else:
-        nproc = parallel.world_size
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    return nproc
+    return resolve(args, parallel)
 
 
 def default_model_dir() -> str:

@@ -8,9 +8,8 @@ position table, and the attention windows against the video.
 from __future__ import annotations
 
 import argparse
-import os
 
-from distgen.config import LAUNCHERS, SP_MODES, ConfigError, ParallelConfig
+from distgen.config import SP_MODES, ConfigError, ParallelConfig
 from distgen.config_video import CLIP_MODES, VIDEO_AXES, ClipConfig, VideoJob, VideoRequest
 
 
@@ -38,11 +37,9 @@ def _add_video_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> Non
     parser.add_argument("--scope-switch-t", type=float, default=800.0, help="dual-scope: global emphasis for t >= this, local below")
     parser.add_argument("--sp-mode", default="ulysses", help=f"sequence parallelism (video DiTs): {', '.join(SP_MODES)}")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
-    parser.add_argument("--nproc", type=int, default=None, help="ranks to start (default: product of --parallel degrees)")
-    parser.add_argument("--launcher", default="auto", choices=LAUNCHERS, help="auto: torchrun if run under it, else spawn")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: the job's cluster or a local one)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the whole job is stopped")
-    parser.add_argument("--comm-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+    from distgen.cli import add_launch_arguments
+
+    add_launch_arguments(parser, timeout_s=3600.0)
 
 
 def register(generate_kinds, bench_kinds) -> None:
@@ -76,18 +73,11 @@ def resolve_model(args) -> tuple[str, tuple[int, int, int] | None]:
 
 def prepare_video_job(args, clip: ClipConfig | None = None, model_dir: str | None = None) -> tuple[VideoJob, int]:
     """Validate everything a user can get wrong; returns the job and the number of ranks."""
-    from distgen.cli import in_torchrun_env
+    from distgen.cli import resolve_nproc
     from distgen.models import video as adapter
 
     parallel = ParallelConfig.parse(args.parallel)
-    if args.nproc is not None:
-        nproc = args.nproc
-    elif in_torchrun_env():
-        nproc = int(os.environ["WORLD_SIZE"])
-    else:
-        nproc = parallel.world_size
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    nproc = resolve_nproc(args, parallel)
     parallel.validate(nproc, VIDEO_AXES)
     if clip is None:
         clip = ClipConfig(

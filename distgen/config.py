@@ -26,6 +26,17 @@ class ConfigError(ValueError):
     """Bad user input, reported before any work is launched."""
 
 
+def parse_choices(spec: str, allowed: tuple[str, ...], option: str, what: str) -> tuple[str, ...]:
+    """``'a,b,a'`` -> ``('a', 'b')``, each one of ``allowed``; ConfigError naming ``option`` otherwise."""
+    items = tuple(dict.fromkeys(item.strip() for item in spec.split(",") if item.strip()))
+    for item in items:
+        if item not in allowed:
+            raise ConfigError(f"{option}: unknown {what} {item!r}; allowed: {', '.join(allowed)}")
+    if not items:
+        raise ConfigError(f"{option}: give at least one of {', '.join(allowed)}")
+    return items
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Degrees on named axes; their product is the number of ranks."""

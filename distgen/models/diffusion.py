@@ -49,17 +49,23 @@ def _read_json(path: Path, what: str) -> dict:
         raise ConfigError(f"--model: {path} is not valid JSON ({exc})") from None
 
 
-def inspect_pipeline(path: str | Path) -> PipelineInfo:
-    """Identify a local diffusers pipeline directory without loading weights."""
+def read_denoiser_entry(path: str | Path, supported: str) -> tuple[Path, dict, str, str]:
+    """(root, model_index.json, denoiser attribute, denoiser class) of a local diffusers pipeline
+    directory; ``supported`` ends the error when there is no denoiser ("supported denoisers: ...")."""
     root = Path(path)
-    supported = ", ".join(SUPPORTED_DENOISERS)
     if not root.is_dir():
         raise ConfigError(f"--model: directory {str(root)!r} does not exist (expected a diffusers pipeline saved with save_pretrained)")
     index = _read_json(root / "model_index.json", "model_index.json (not a diffusers pipeline directory?)")
     denoiser_attr = next((a for a in ("unet", "transformer") if isinstance(index.get(a), list) and index[a][1]), None)
     if denoiser_attr is None:
-        raise ConfigError(f"--model: {root} has no 'unet' or 'transformer' component; supported denoisers: {supported}")
-    denoiser_class = index[denoiser_attr][1]
+        raise ConfigError(f"--model: {root} has no 'unet' or 'transformer' component; {supported}")
+    return root, index, denoiser_attr, index[denoiser_attr][1]
+
+
+def inspect_pipeline(path: str | Path) -> PipelineInfo:
+    """Identify a local diffusers pipeline directory without loading weights."""
+    supported = ", ".join(SUPPORTED_DENOISERS)
+    root, index, denoiser_attr, denoiser_class = read_denoiser_entry(path, f"supported denoisers: {supported}")
     if denoiser_class not in SUPPORTED_DENOISERS:
         raise ConfigError(f"--model: denoiser {denoiser_class} is not supported; supported denoisers: {supported}")
     config = _read_json(root / denoiser_attr / "config.json", f"{denoiser_attr}/config.json")

@@ -17,7 +17,7 @@ import torch
 
 from distgen.config import ConfigError, ParallelConfig
 from distgen.config_video import ClipConfig, VideoRequest
-from distgen.models.diffusion import _read_json
+from distgen.models.diffusion import _read_json, read_denoiser_entry
 from distgen.parallel.clip import clip_lengths
 
 # Denoiser class -> family.
@@ -55,15 +55,8 @@ class VideoPipelineInfo:
 
 def inspect_video_pipeline(path: str | Path) -> VideoPipelineInfo:
     """Identify a local diffusers video pipeline directory without loading weights."""
-    root = Path(path)
     supported = ", ".join(VIDEO_DENOISERS)
-    if not root.is_dir():
-        raise ConfigError(f"--model: directory {str(root)!r} does not exist (expected a diffusers pipeline saved with save_pretrained)")
-    index = _read_json(root / "model_index.json", "model_index.json (not a diffusers pipeline directory?)")
-    denoiser_attr = next((a for a in ("unet", "transformer") if isinstance(index.get(a), list) and index[a][1]), None)
-    if denoiser_attr is None:
-        raise ConfigError(f"--model: {root} has no 'unet' or 'transformer' component; supported video denoisers: {supported}")
-    denoiser_class = index[denoiser_attr][1]
+    root, index, denoiser_attr, denoiser_class = read_denoiser_entry(path, f"supported video denoisers: {supported}")
     if denoiser_class not in VIDEO_DENOISERS:
         kind = "an image denoiser" if denoiser_class in IMAGE_DENOISERS else "not a supported video denoiser"
         raise ConfigError(
