@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from distgen.config import ConfigError, ParallelConfig, parse_choices
@@ -67,10 +68,8 @@ def _expert_seconds_per_token(hidden: int, intermediate: int, dtype: torch.dtype
             for _ in range(20):
                 expert(x)
             times.append((time.perf_counter() - started) / 20)
-    n = len(sizes)
-    mean_x, mean_y = sum(sizes) / n, sum(times) / n
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, times)) / sum((x - mean_x) ** 2 for x in sizes)
-    return {"per_token_s": max(slope, 0.0), "fixed_s": max(mean_y - slope * mean_x, 0.0)}
+    slope, intercept = np.polyfit(sizes, times, 1)
+    return {"per_token_s": max(float(slope), 0.0), "fixed_s": max(float(intercept), 0.0)}
 
 
 def project(policy_layers: dict, trace, ranks: int, tokens_per_step: int, hidden: int, bytes_per_value: int,
@@ -100,7 +99,8 @@ def project(policy_layers: dict, trace, ranks: int, tokens_per_step: int, hidden
 
 def bench_moe(args) -> dict:
     from distgen.cli import launch
-    from distgen.cli_text import resolve_model, resolve_nproc
+    from distgen.cli import resolve_nproc
+    from distgen.cli_text import resolve_model
     from distgen.models.checkpoint import DTYPES as TORCH_DTYPES
     from distgen.models.checkpoint import load_tokenizer, open_checkpoint
     from distgen.parallel.expert import moe_layers
@@ -168,7 +168,7 @@ def bench_moe(args) -> dict:
         trace.check_for(experts, layers, trace_path)
     report["routing"] = {"source": args.routing or "recorded by the single-rank baseline on the same requests",
                          "tokens": int(trace.tokens)}
-    placements, notes = [], {}
+    placements = []
     for policy in policies:
         placement = compute(policy, trace, experts, layers, ep, nodes=args.nodes,
                             redundant=redundant if policy == "eplb" else 0, time_limit_s=args.time_limit)

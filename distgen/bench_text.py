@@ -73,8 +73,8 @@ def _median_entry(entries: list[dict]) -> dict:
 
 
 def bench_text(args) -> dict:
-    from distgen.cli import launch
-    from distgen.cli_text import LADDER_CAVEAT, resolve_nproc
+    from distgen.cli import launch, resolve_nproc
+    from distgen.cli_text import LADDER_CAVEAT
     from distgen.models.checkpoint import open_checkpoint
     from distgen.models.tiny_llm import preset_dir
     from distgen.runtime.text import TextJob, check_job

@@ -163,12 +163,6 @@ def resolve_placement(args, config, parallel: ParallelConfig) -> dict:
     return fields | {"placement": {int(k): v for k, v in result.layers.items()}, "placement_policy": result.policy}
 
 
-def resolve_nproc(args, parallel: ParallelConfig) -> int:
-    from distgen.cli import resolve_nproc as resolve
-
-    return resolve(args, parallel)
-
-
 def default_model_dir() -> str:
     from distgen.models import smollm2
 
@@ -204,6 +198,8 @@ def prepare_text_job(args):
     """Validate and tokenize; returns (job, nproc, tokenizer, checkpoint)."""
     from distgen.models.checkpoint import load_tokenizer, open_checkpoint
     from distgen.runtime.text import TextJob, TextRequest, check_job
+
+    from distgen.cli import resolve_nproc
 
     parallel = ParallelConfig.parse(args.parallel)
     nproc = resolve_nproc(args, parallel)

@@ -40,3 +40,20 @@ def map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         output.sample = fn(output.sample)
         return output
     raise TypeError(f"unsupported denoiser output type {type(output).__name__}")
+
+
+def split_heads(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """(batch, tokens, heads*dim) projections of a diffusers ``Attention`` -> (batch, heads, tokens, dim),
+    with the block's own q/k norms applied, as its stock processors do."""
+    batch, head_dim = query.shape[0], key.shape[-1] // attn.heads
+    query, key, value = (t.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+def merge_heads(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, heads, tokens, dim) attention output -> (batch, tokens, heads*dim) in ``dtype``."""
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1).to(dtype)

@@ -51,7 +51,7 @@ from torch import nn
 
 from distgen.comm import ExchangeEngine
 from distgen.config_video import ClipConfig
-from distgen.parallel._denoiser import get_sample, map_output, set_sample
+from distgen.parallel._denoiser import get_sample, map_output, merge_heads, set_sample, split_heads
 
 SUPPORTED_DENOISERS = ("UNet3DConditionModel", "UNetMotionModel")
 TEMPORAL_BLOCKS = ("TransformerTemporalModel", "AnimateDiffTransformer3D")
@@ -405,7 +405,7 @@ class _ClipAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        state, residual, batch = self.state, hidden_states, hidden_states.shape[0]
+        state, residual = self.state, hidden_states
         key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         bias = None
         if "attention" in state.exchanges and state.config.mode == "dual-scope":
@@ -419,17 +419,9 @@ class _ClipAttnProcessor:
             if "attention" in state.exchanges:  # exact: the whole video's keys and values
                 kv = state.full_kv(self.name, torch.cat([key, value], dim=-1))
                 key, value = kv[..., : key.shape[-1]], kv[..., key.shape[-1] :]
-        inner = key.shape[-1]
-        head_dim = inner // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, query, key, value)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = merge_heads(out, query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual

@@ -47,6 +47,7 @@ from torch import nn
 
 from distgen.comm import ExchangeEngine
 from distgen.config import SP_MODES, ConfigError
+from distgen.parallel._denoiser import get_sample, merge_heads, split_heads
 
 SUPPORTED_DENOISERS = ("PixArtTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel")
 
@@ -248,16 +249,10 @@ class _SelfAttnProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise NotImplementedError("sequence parallelism: self-attention with a mask or encoder states")
         residual = hidden_states
-        batch = hidden_states.shape[0]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                        attn.to_v(hidden_states))
         out, _ = self.state.attention(query, key, value)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = merge_heads(out, query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
@@ -274,13 +269,9 @@ class _JointAttnProcessor:
         if attention_mask is not None:
             raise NotImplementedError("sequence parallelism: joint attention with a mask")
         batch = hidden_states.shape[0]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                        attn.to_v(hidden_states))
+        head_dim = key.shape[-1]
         text = None
         if encoder_hidden_states is not None:
             text = [
@@ -292,11 +283,11 @@ class _JointAttnProcessor:
             if attn.norm_added_k is not None:
                 text[1] = attn.norm_added_k(text[1])
         image_out, text_out = self.state.attention(query, key, value, text)
-        image_out = image_out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        image_out = merge_heads(image_out, query.dtype)
         image_out = attn.to_out[1](attn.to_out[0](image_out))
         if text_out is None:
             return image_out
-        text_out = text_out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        text_out = merge_heads(text_out, query.dtype)
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
         return image_out, text_out
@@ -383,7 +374,6 @@ def _tokens(denoiser: nn.Module, sample: torch.Tensor) -> int:
 
 def apply(denoiser: nn.Module, engine: ExchangeEngine, mode: str = "ulysses") -> SequenceState:
     """Make ``denoiser`` (PixArt, SD3 or Wan) run on this rank's shard of its token sequence."""
-    from distgen.parallel._denoiser import get_sample
 
     family = type(denoiser).__name__
     if family not in SUPPORTED_DENOISERS:

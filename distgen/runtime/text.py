@@ -418,7 +418,10 @@ class TextGenerator:
                 for m in list(active):
                     more, chosen = learn(m, step)
                     del known[m]
-                    (going.append((m, chosen)) if more else active.remove(m))
+                    if more:
+                        going.append((m, chosen))
+                    else:
+                        active.remove(m)
                 if not self._anyone(bool(going)):
                     break
                 if not going:
@@ -426,16 +429,17 @@ class TextGenerator:
                 for m, chosen in going:
                     launch(m, chosen[:, None], step + 1)
                     advanced += bounds[m][1] - bounds[m][0]
-            for m in [] if self.lockstep else list(active):
-                more, chosen = learn(m, step)
-                del known[m]
-                if not more:
-                    active.remove(m)
-                    continue
-                start, stop = bounds[m]
-                schedule.expect(m, stop - start, 1)
-                launch(m, chosen[:, None], step + 1)
-                advanced += stop - start
+            else:  # learn and launch micro-batch by micro-batch, so pipeline stages overlap
+                for m in list(active):
+                    more, chosen = learn(m, step)
+                    del known[m]
+                    if not more:
+                        active.remove(m)
+                        continue
+                    start, stop = bounds[m]
+                    schedule.expect(m, stop - start, 1)
+                    launch(m, chosen[:, None], step + 1)
+                    advanced += stop - start
             if advanced:
                 record_step(advanced)
             if not active and not self.lockstep:
