@@ -4,7 +4,8 @@ Reads the MoE shape from a checkpoint (``--model DIR``) or takes one (``--synthe
 layers,experts,top_k``), the routing from ``--routing FILE.npz`` (recorded with
 ``--record-routing``) or a synthetic trace, and prints one JSON object: per policy the
 balancedness (mean / max tokens per rank, overall and per layer), the cross-rank token
-fraction, solver seconds and notes, plus the tuner's cut against round-robin.
+fraction, solver seconds and notes, plus the tuner's cut against round-robin and the most any
+placement could cut on this trace (``routing.cross_rank_floor``: a bound, not a solve).
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def _place(args) -> int:
         results[policy] = metrics.summary(placement, trace)
         if args.out:
             placement.save(args.out)
+    slots_per_rank = (experts + args.redundant_experts) // args.ranks
+    routing["cross_rank_floor"] = round(metrics.cross_rank_floor(trace, slots_per_rank), 4)
     out = {"model": model, "routing": routing, "ranks": args.ranks, "nodes": args.nodes,
            "redundant_experts": args.redundant_experts, "policies": results}
     if "round-robin" in results:
@@ -120,6 +123,9 @@ def _place(args) -> int:
             r["cross_rank_cut_vs_round_robin"] = (round(1 - r["cross_rank_fraction"] / base["cross_rank_fraction"], 4)
                                                   if base["cross_rank_fraction"] > 0 else 0.0)
             r["balancedness_vs_round_robin"] = round(r["balancedness"] / base["balancedness"], 4)
+        if base["cross_rank_fraction"] > 0:  # what no placement can beat: see metrics.cross_rank_floor
+            out["max_possible_cut_vs_round_robin"] = round(
+                1 - routing["cross_rank_floor"] / base["cross_rank_fraction"], 4)
     if args.out:
         out["out"] = args.out
     print_json(out)

@@ -15,7 +15,7 @@ import torch
 
 from distgen.config import ConfigError
 from distgen.placement import (POLICIES, Placement, RoutingRecorder, RoutingTrace, balancedness, compute,
-                               cross_rank_fraction, eplb, rank_loads, round_robin, synthetic, tuner)
+                               cross_rank_floor, cross_rank_fraction, eplb, rank_loads, round_robin, synthetic, tuner)
 from distgen.placement.policies import linear, slot_problem
 
 RANKS = 8
@@ -137,6 +137,8 @@ def test_tuner_cuts_cross_rank_traffic(correlated):
           f"{tuned.note}")
     assert cut >= 0.30
     assert balance >= 0.95 * rr_balance
+    floor = cross_rank_floor(correlated, 32 // RANKS)  # no placement can do better
+    assert floor <= cross <= rr_cross and floor <= cross_rank_fraction(clusters_only, correlated)
     assert tuned.solver_seconds <= 4.0 + 2.0
 
 
@@ -168,6 +170,8 @@ def test_metrics_by_hand():
     assert cross_rank_fraction(together, trace) == 0.0
     assert cross_rank_fraction(apart, trace) == pytest.approx(1 / 4)  # only (0 -> 1) crosses
     assert cross_rank_fraction(replicated, trace) == pytest.approx(0.5)  # each pair on-rank half the time
+    # one slot per rank: expert 0 of layer 0 keeps at most max(2, 1) of its 3 pairs, expert 1 its 1
+    assert cross_rank_floor(trace, 1) == pytest.approx(1 / 4) and cross_rank_floor(trace, 2) == 0.0
     bal = balancedness(apart, trace)
     assert bal["per_layer"] == {0: pytest.approx(2 / 3), 1: 1.0} and bal["overall"] == pytest.approx((2 / 3 + 1) / 2)
 
@@ -369,6 +373,9 @@ def test_place_command_end_to_end(tmp_path, capsys):
     assert rr["balancedness"] == pytest.approx(balancedness(again.layers, trace)["overall"], abs=1e-4)
     assert result["policies"]["eplb"]["balancedness"] > rr["balancedness"]
     assert set(rr["balancedness_per_layer"]) == {str(x) for x in range(6)}
+    assert all(p["cross_rank_fraction"] >= result["routing"]["cross_rank_floor"] - 1e-4
+               for p in result["policies"].values())
+    assert result["max_possible_cut_vs_round_robin"] >= tuned["cross_rank_cut_vs_round_robin"]
 
     out_path = str(tmp_path / "placement.json")
     code, out, _ = _place(capsys, "--synthetic", "6,16,2", "--routing", trace_path, "--ranks", "4", "--nodes", "2",

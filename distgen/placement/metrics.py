@@ -68,6 +68,25 @@ def cross_rank_fraction(placement_layers: dict[int, list[list[int]]], trace: Rou
     return float(1.0 - same / total)
 
 
+def cross_rank_floor(trace: RoutingTrace, slots_per_rank: int) -> float:
+    """A lower bound on :func:`cross_rank_fraction` over *every* placement with
+    ``slots_per_rank`` slots per rank, replicas included: how much any co-location policy can
+    possibly gain on this trace.
+
+    Expert i of layer l shares a rank with at most ``slots_per_rank`` experts of layer l+1, and
+    each pair (i, j) is on-rank with probability <= 1, so at most the ``slots_per_rank``
+    largest entries of row i of ``cross[l]`` stay on-rank (the same holds by columns). Nearly
+    layer-independent routing has flat rows, and then no placement keeps much on-rank.
+    """
+    total = trace.cross.sum()
+    if len(trace.layers) < 2 or total <= 0:
+        return 0.0
+    k = min(slots_per_rank, trace.num_experts)
+    by_rows = sum(float(np.sort(c, axis=1)[:, -k:].sum()) for c in trace.cross)
+    by_cols = sum(float(np.sort(c, axis=0)[-k:, :].sum()) for c in trace.cross)
+    return float(max(0.0, 1.0 - min(by_rows, by_cols) / total))
+
+
 def summary(placement, trace: RoutingTrace) -> dict:
     """What ``distgen place`` prints for one placement."""
     balance = balancedness(placement.layers, trace)
