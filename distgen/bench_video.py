@@ -119,18 +119,33 @@ def bench_video(args) -> dict:
         "threads_per_rank": args.threads_per_rank,
         "timed_steps": f"median over denoiser calls {skip}..{request.steps - 1}",
     }
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    report["rounds"] = args.rounds
+    # Every configuration once per round, in the same order; a round's step times join the
+    # earlier rounds' (outputs are identical: same seed), so slow spells of the machine fall
+    # on every configuration alike instead of on whichever ran then.
+    configs = [] if args.no_baseline else [
+        ("1 rank", headline_job.replace(parallel=type(headline_job.parallel)({}), **knobs), 1, "spawn")]
+    configs += [(name, job.replace(**knobs), nproc, launcher) for name, job in jobs]
+    measured: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for name, job, ranks, how in configs:
+            result = launch(job, ranks, how, args.timeout, args.ray_address, threads_per_rank=args.threads_per_rank)
+            if name in measured:
+                measured[name]["runs"] += result["runs"]
+            else:
+                measured[name] = result
     baseline = None
     if not args.no_baseline:
-        base_job = headline_job.replace(parallel=type(headline_job.parallel)({}), **knobs)
-        base = launch(base_job, 1, "spawn", args.timeout, threads_per_rank=args.threads_per_rank)
+        base = measured["1 rank"]
         baseline = {"nproc": 1, **_summarise(base, skip, request.frames)}
         report["baseline"] = baseline
         base_latents = base["latents"].numpy()
         base_frames = base["frames"].numpy()
     runs = []
     for name, job in jobs:
-        result = launch(job.replace(**knobs), nproc, launcher, args.timeout, args.ray_address,
-                        threads_per_rank=args.threads_per_rank)
+        result = measured[name]
         lengths = result["clip_lengths"]
         latents, frames = result["latents"].numpy(), result["frames"].numpy()
         entry = {

@@ -55,6 +55,9 @@ def register(generate_kinds, bench_kinds) -> None:
                        help="variants to measure; '+stale' adds --stale-context")
     bench.add_argument("--no-overhead-table", action="store_true", help="skip the + conv / + GroupNorm runs")
     bench.add_argument("--repeats", type=int, default=1, help="requests per configuration (steps are pooled)")
+    bench.add_argument("--rounds", type=int, default=1,
+                       help="measure every configuration this many times, interleaved (steps pooled): evens out a "
+                            "machine whose speed drifts during the run")
     bench.add_argument("--threads-per-rank", type=int, default=1)
     bench.add_argument("--no-baseline", action="store_true", help="skip the single-rank run")
     bench.set_defaults(handler=_bench_video)

@@ -297,10 +297,15 @@ class ClipState:
 
 
 def _local_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(count, mean, M2) per (batch, group) of ``x`` (B, C, ...), fp32 (Welford: no cancellation)."""
-    grouped = x.float().reshape(x.shape[0], groups, -1)  # contiguous: fast reductions
-    var, mean = torch.var_mean(grouped, dim=-1, correction=0)
-    count = grouped.shape[-1]
+    """(count, mean, M2) per (batch, group) of ``x`` (B, C, ...), fp32, without cancellation.
+
+    GroupNorm's own kernel gives the moments (mean and 1/sqrt(var + eps), eps = 0): one
+    vectorised pass, some 20x faster on CPU than ``torch.var_mean`` over the same groups.
+    """
+    x = x.float().contiguous()
+    _, mean, rstd = torch.native_group_norm(x, None, None, x.shape[0], x.shape[1], x[0, 0].numel(), groups, 0.0)
+    count = x[0].numel() // groups
+    var = rstd.pow(-2)  # var = 0 gives rstd = inf and back 0
     return torch.stack([torch.full_like(mean, count), mean, var * count], dim=-1)
 
 

@@ -102,3 +102,71 @@ def test_engine_stale_exchange_and_halos(world):
         while not errors.empty():
             messages.append(errors.get())
         pytest.fail("\n".join(messages) or "engine worker failed")
+
+
+def _shm_worker(rank, world, port, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        via_shm = ExchangeEngine(dist.group.WORLD, CommStats(), torch.device("cpu"), timeout_s=2.0, shared_memory=True)
+        via_gloo = ExchangeEngine(dist.group.WORLD, CommStats(), torch.device("cpu"), shared_memory=False)
+        assert via_shm._channel() is not None and via_gloo._channel() is None
+        for step in range(5):  # alternating parities: each gather sees this step's values, not older ones
+            for numel in (7, 40_000, 700_000):  # one small region, two larger power-of-two ones
+                x = torch.arange(numel, dtype=torch.float32) * (step + 1) + rank
+                a, b = via_shm.all_gather(x), via_gloo.all_gather(x)
+                assert len(a) == world and all(torch.equal(p, q) for p, q in zip(a, b))
+        regions = via_shm._channel()._regions
+        assert len(regions) == 3 and not any(os.path.exists(r.path) for r in regions)  # unlinked once mapped
+        # Halos: synchronous (post, read) and displaced (read last step's, post this step's) use.
+        for step in range(4):
+            rows = torch.arange(6.0).reshape(3, 2) + 100 * step + 10 * rank
+            got = []
+            for engine in (via_shm, via_gloo):
+                if step < 2:
+                    engine.post_halo("h", rows[:1], rows[-1:])
+                    got.append([None if t is None else t.clone() for t in engine.halo("h")])
+                else:
+                    got.append([None if t is None else t.clone() for t in engine.halo("h")])
+                    engine.post_halo("h", rows[:1], rows[-1:])
+            (p1, n1), (p2, n2) = got
+            expect_step = step if step < 2 else step - 1
+            if rank > 0:
+                assert torch.equal(p1, p2) and p1[0, 0].item() == 100 * expect_step + 10 * (rank - 1) + 4
+            else:
+                assert p1 is None and p2 is None
+            if rank < world - 1:
+                assert torch.equal(n1, n2) and n1[0, 0].item() == 100 * expect_step + 10 * (rank + 1)
+        via_shm.drain()
+        via_gloo.drain()
+        s, g = via_shm.stats.current, via_gloo.stats.current
+        assert (s.bytes_sent, s.bytes_recv, s.collectives) == (g.bytes_sent, g.bytes_recv, g.collectives)
+        via_shm.reset()
+        # A rank that never arrives: the others fail with the missing rank named, not hang.
+        if rank == 0:
+            with pytest.raises(TimeoutError, match=r"ranks \[1, 2\] did not arrive"):
+                via_shm.all_gather(torch.ones(3))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not __import__("distgen.comm.shm", fromlist=["supported"]).supported(),
+                    reason="the shared-memory channel needs x86-64 and /dev/shm")
+def test_shared_memory_transport_matches_gloo():
+    world = 3
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    context = mp.start_processes(_shm_worker, args=(world, free_port(), errors), nprocs=world, join=False,
+                                 start_method="spawn")
+    try:
+        while not context.join(timeout=90):
+            pass
+    except Exception:
+        messages = []
+        while not errors.empty():
+            messages.append(errors.get())
+        pytest.fail("\n".join(messages) or "shm worker failed")

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from distgen.comm import shm
+
 
 @dataclass
 class StepStats:
@@ -88,6 +90,10 @@ class _Halo:
         self.from_next: torch.Tensor | None = None
         self.works: list = []
         self.keepalive: list[torch.Tensor] = []
+        # Same-host transport: a shared-memory region (False: gloo), posts made and read.
+        self.region = None
+        self.posted = 0
+        self.read = 0
 
 
 class Pending:
@@ -126,6 +132,8 @@ class ExchangeEngine:
         stats: CommStats,
         device: torch.device,
         bucket_bytes: int = 4 << 20,
+        timeout_s: float = 300.0,
+        shared_memory: bool | None = None,
     ):
         self.group = group
         self.stats = stats
@@ -137,6 +145,12 @@ class ExchangeEngine:
         self._slot_order: list[_Slot] = []
         self._buckets: list[_Bucket] | None = None
         self._halos: dict[str, _Halo] = {}
+        self.timeout_s = timeout_s
+        # Small CPU all-gathers between ranks of one host go through shared memory (see
+        # distgen.comm.shm); opened at the first such gather, which every rank makes.
+        # ``shared_memory``: None follows DISTGEN_SHM (default on where supported).
+        wanted = shm.enabled() if shared_memory is None else shared_memory and shm.supported()
+        self._shm = "unopened" if wanted and device.type == "cpu" and self.world > 1 else None
 
     # ------------------------------------------------------------------ helpers
     def _global(self, group_rank: int) -> int:
@@ -146,6 +160,12 @@ class ExchangeEngine:
         t0 = time.perf_counter()
         work.wait()
         self.stats.current.wait_s += time.perf_counter() - t0
+
+    def _channel(self) -> "shm.ShmChannel | None":
+        """The same-host shared-memory channel, opened (collectively) on first use."""
+        if self._shm == "unopened":
+            self._shm = shm.ShmChannel.open(self.group, self.timeout_s)
+        return self._shm
 
     def _account_gather(self, nbytes: int) -> None:
         # Logical traffic of an all_gather: my piece to every peer, every peer's piece to me.
@@ -159,8 +179,15 @@ class ExchangeEngine:
         if self.world == 1:
             return [tensor]
         tensor = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        self._account_gather(nbytes)
+        if tensor.device.type == "cpu" and self._channel() is not None:
+            t0 = time.perf_counter()
+            out = self._shm.all_gather(tensor)
+            if out is not None:
+                self.stats.current.wait_s += time.perf_counter() - t0
+                return out
         out = [torch.empty_like(tensor) for _ in range(self.world)]
-        self._account_gather(tensor.numel() * tensor.element_size())
         self._wait(dist.all_gather(out, tensor, group=self.group, async_op=True))
         return out
 
@@ -422,6 +449,14 @@ class ExchangeEngine:
             self._finish_halo(halo)
         if self.world == 1:
             return
+        if halo.region is None:  # first post of this name: every rank decides the transport together
+            halo.region = False
+            if to_prev is not None and to_next is not None and to_prev.device.type == "cpu" \
+                    and self._channel() is not None:
+                halo.region = self._shm.region([_nbytes(to_prev), _nbytes(to_next)]) or False
+        if halo.region:
+            self._post_shm_halo(halo, to_prev, to_next, from_prev_shape, from_next_shape)
+            return
         tag_down, tag_up = 2 * halo.index + 1, 2 * halo.index + 2
         ops, keep = [], []
         if self.rank > 0:
@@ -451,6 +486,38 @@ class ExchangeEngine:
         self.stats.current.collectives += 1
         halo.works, halo.keepalive = works, keep
 
+    def _post_shm_halo(self, halo: _Halo, to_prev, to_next, from_prev_shape, from_next_shape) -> None:
+        if halo.posted > halo.read:
+            self._read_shm_halo(halo)  # a peer may overwrite our last post's parity only after we read theirs
+        has_prev, has_next = self.rank > 0, self.rank < self.world - 1
+        halo.region.write([to_prev if has_prev else None, to_next if has_next else None])
+        halo.posted += 1
+        if has_prev:
+            shape = from_prev_shape or to_next.shape
+            if halo.from_prev is None or halo.from_prev.shape != shape:
+                halo.from_prev = torch.empty(shape, dtype=to_next.dtype, device=self.device)
+            self.stats.current.bytes_sent += _nbytes(to_prev)
+            self.stats.current.bytes_recv += _nbytes(halo.from_prev)
+        if has_next:
+            shape = from_next_shape or to_prev.shape
+            if halo.from_next is None or halo.from_next.shape != shape:
+                halo.from_next = torch.empty(shape, dtype=to_prev.dtype, device=self.device)
+            self.stats.current.bytes_sent += _nbytes(to_next)
+            self.stats.current.bytes_recv += _nbytes(halo.from_next)
+        self.stats.current.collectives += 1
+
+    def _read_shm_halo(self, halo: _Halo) -> None:
+        t0 = time.perf_counter()
+        n, region = halo.posted, halo.region
+        neighbours = [r for r in (self.rank - 1, self.rank + 1) if 0 <= r < self.world]
+        region.wait(neighbours, n)
+        if self.rank > 0:  # rank i-1's part 1 (what it sends down)
+            halo.from_prev.copy_(region.read(self.rank - 1, n, 1, halo.from_prev.dtype, halo.from_prev.shape))
+        if self.rank < self.world - 1:  # rank i+1's part 0 (what it sends up)
+            halo.from_next.copy_(region.read(self.rank + 1, n, 0, halo.from_next.dtype, halo.from_next.shape))
+        halo.read = n
+        self.stats.current.wait_s += time.perf_counter() - t0
+
     def _finish_halo(self, halo: _Halo) -> None:
         t0 = time.perf_counter()
         for work in halo.works:
@@ -465,6 +532,8 @@ class ExchangeEngine:
             raise RuntimeError(f"halo {name!r} was never posted; run a synchronous step first")
         if halo.works:
             self._finish_halo(halo)
+        if halo.region and halo.posted > halo.read:
+            self._read_shm_halo(halo)
         return (halo.from_prev if self.rank > 0 else None, halo.from_next if self.rank < self.world - 1 else None)
 
     # ---------------------------------------------------------------------- lifecycle
@@ -478,6 +547,8 @@ class ExchangeEngine:
         for halo in self._halos.values():
             if halo.works:
                 self._finish_halo(halo)
+            if halo.region and halo.posted > halo.read:
+                self._read_shm_halo(halo)
 
     def reset(self) -> None:
         """Forget registered slots and halos (a new request may have other shapes)."""
@@ -485,4 +556,11 @@ class ExchangeEngine:
         self._slots.clear()
         self._slot_order.clear()
         self._buckets = None
+        for halo in self._halos.values():
+            if halo.region:
+                self._shm.release(halo.region)
         self._halos.clear()
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

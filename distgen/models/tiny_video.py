@@ -26,15 +26,17 @@ VIDEO_FAMILIES = ("t2v", "animatediff", "wan")
 DEFAULT_VIDEO_MODEL = "tiny-t2v"
 # Name -> (family, denoiser config overrides, default (frames, height, width)).
 # ``t2v-bench`` is the compute-dominated preset: a ModelScope-layout UNet3D with channels
-# (64, 128), ~5.0 M denoiser parameters; at its default 32 frames of 128x128 px (16x16
-# latents, guidance batch 2) one denoiser call costs seconds on one CPU thread, far above the
-# ~1 ms latency of each of the ~70 small exchanges a dual-scope step makes.
+# (64, 128), ~5.0 M denoiser parameters; at its default 48 frames of 128x128 px (16x16
+# latents, guidance batch 2) one denoiser call costs seconds on one CPU thread. 48 frames give
+# each of 2 clip ranks 24, the clip length Video-Infinity's own example runs per GPU (with
+# its ±8 local and 16 global context frames): dual-scope keys then number at most
+# 8 + 24 + 8 + 12 = 52 per query, about the whole video, not more than it as at 32 frames.
 VIDEO_PRESETS: dict[str, tuple[str, dict, tuple[int, int, int]]] = {
     "tiny-t2v": ("t2v", {}, (16, 128, 128)),
     "tiny-animatediff": ("animatediff", {}, (16, 128, 128)),
     "tiny-wan": ("wan", {}, (9, 64, 64)),
     "t2v-bench": ("t2v", {"block_out_channels": (64, 128), "norm_num_groups": 32, "attention_head_dim": 8},
-                  (32, 128, 128)),
+                  (48, 128, 128)),
 }
 
 

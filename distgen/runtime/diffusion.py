@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distgen.comm import CommStats, ExchangeEngine
+from distgen.comm import CommStats
 from distgen.config import ImageJob, ImageRequest
 from distgen.models import diffusion as adapter
 from distgen.parallel import cfg as cfg_parallel
@@ -63,16 +63,16 @@ class DiffusionRunner:
         # Strategy order matters only for the pre-hooks: cfg splits the batch first.
         patch_group = ctx.group("patch")
         if patch_group is not None:
-            engine = ExchangeEngine(patch_group, self.stats, ctx.device)
+            engine = ctx.engine(patch_group, self.stats)
             self.patch_state = patch_parallel.apply(self.denoiser, engine, job.patch)
         self.sp_state = None
         sp_group = ctx.group("sp")
         if sp_group is not None:
-            engine = ExchangeEngine(sp_group, self.stats, ctx.device)
+            engine = ctx.engine(sp_group, self.stats)
             self.sp_state = sequence_parallel.apply(self.denoiser, engine, job.sp_mode)
         cfg_group = ctx.group("cfg")
         if cfg_group is not None:
-            cfg_parallel.apply(self.denoiser, ExchangeEngine(cfg_group, self.stats, ctx.device))
+            cfg_parallel.apply(self.denoiser, ctx.engine(cfg_group, self.stats))
         self.steps = StepTimer(self.denoiser, self.stats, ctx.device)
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from distgen.comm import CommStats, ExchangeEngine
 from distgen.config import ParallelConfig
 
 
@@ -23,6 +24,11 @@ class WorkerContext:
     local_rank: int
     device: torch.device
     mesh: DeviceMesh | None
+    timeout_s: float = 300.0  # the process group's; exchanges outside gloo (shared memory) honour it too
+
+    def engine(self, group: dist.ProcessGroup | None, stats: CommStats) -> ExchangeEngine:
+        """The exchange engine of one process group of this worker (its device and timeout)."""
+        return ExchangeEngine(group, stats, self.device, timeout_s=self.timeout_s)
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
         """Process group of a mesh axis, or None when the axis has degree 1."""
@@ -78,7 +84,8 @@ def init_worker(parallel: ParallelConfig, timeout_s: float = 300.0, threads: int
         mesh = init_device_mesh(
             device.type, tuple(d for _, d in axes), mesh_dim_names=tuple(a for a, _ in axes)
         )
-    return WorkerContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh)
+    return WorkerContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh,
+                         timeout_s=timeout_s)
 
 
 def shutdown_worker() -> None:

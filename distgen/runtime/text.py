@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from distgen.comm import CommStats, ExchangeEngine
+from distgen.comm import CommStats
 from distgen.config import DTYPES, ConfigError, ParallelConfig
 
 TEXT_AXES = ("dp", "pp", "ep", "tp")
@@ -219,16 +219,16 @@ class TextGenerator:
         pp, tp, ep = job.parallel.degree("pp"), job.parallel.degree("tp"), job.parallel.degree("ep")
         layers = range(config.num_layers)
         if pp > 1:
-            self.pp_engine = ExchangeEngine(ctx.group("pp"), self.pp_stats, ctx.device)
+            self.pp_engine = ctx.engine(ctx.group("pp"), self.pp_stats)
             layers = pipeline.apply(model, self.pp_engine.rank, pp)
         if tp > 1:
-            tensor.apply(model, ExchangeEngine(ctx.group("tp"), self.tp_stats, ctx.device), communicate=job.communicate)
+            tensor.apply(model, ctx.engine(ctx.group("tp"), self.tp_stats), communicate=job.communicate)
         dp = job.parallel.degree("dp")
         # dp ranks decode their own sequences, but with ep they share the experts: every rank then
         # takes part in every expert exchange until all are done (lockstep)
         self.lockstep = dp > 1 and ep > 1
         if ep > 1:  # experts over the dp x tp ranks and their ep / (dp x tp) replicas
-            self.ep_engine = ExchangeEngine(expert.expert_group(ctx, job.parallel), self.ep_stats, ctx.device)
+            self.ep_engine = ctx.engine(expert.expert_group(ctx, job.parallel), self.ep_stats)
             share = ep // dp  # consecutive ep-group ranks holding the same rows
             first = (ctx.axis_rank("dp") if dp > 1 else 0) * share
             expert.apply(model, self.ep_engine, job.placement, siblings=range(first, first + share))
@@ -243,7 +243,7 @@ class TextGenerator:
         model.eval()
         self.model = model
         if pp > 1:
-            feedback = ExchangeEngine(pipeline.feedback_group(ctx.mesh), self.pp_stats, ctx.device)
+            feedback = ctx.engine(pipeline.feedback_group(ctx.mesh), self.pp_stats)
             self.schedule = pipeline.PipelineSchedule(model, self.pp_engine, feedback, layers, config.hidden_size,
                                                       self.dtype, ctx.device, keep_logits=job.return_logits)
         else:

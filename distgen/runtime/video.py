@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from distgen.comm import CommStats, ExchangeEngine
+from distgen.comm import CommStats
 from distgen.config_video import VideoJob, VideoRequest
 from distgen.models import video as adapter
 from distgen.models.diffusion import denoiser_of, load_pipeline
@@ -78,12 +78,12 @@ class VideoRunner:
         # cfg before clip: its output hook then gathers the guidance halves of the clip, not of the video.
         cfg_group = ctx.group("cfg")
         if cfg_group is not None:
-            cfg_parallel.apply(self.denoiser, ExchangeEngine(cfg_group, self.stats, ctx.device))
+            cfg_parallel.apply(self.denoiser, ctx.engine(cfg_group, self.stats))
         self.clip_state = None
         self.clip_engine = None
         clip_group = ctx.group("clip")
         if clip_group is not None:
-            self.clip_engine = ExchangeEngine(clip_group, self.stats, ctx.device)
+            self.clip_engine = ctx.engine(clip_group, self.stats)
             self.clip_state = clip_parallel.apply(self.denoiser, self.clip_engine, job.clip)
             self.clip_state.gather_outputs = not _frame_wise_scheduler(self.pipe.scheduler)
         self.sp_state = None
@@ -92,7 +92,7 @@ class VideoRunner:
             # Sequence parallelism for video DiTs (Wan): distgen.parallel.sequence.
             from distgen.parallel import sequence
 
-            self.sp_state = sequence.apply(self.denoiser, ExchangeEngine(sp_group, self.stats, ctx.device), job.sp_mode)
+            self.sp_state = sequence.apply(self.denoiser, ctx.engine(sp_group, self.stats), job.sp_mode)
         if self.info.family == "motion" and cfg_group is not None:
             clip_parallel.fold_frame_text(self.denoiser)
         self.steps = StepTimer(self.denoiser, self.stats, ctx.device)
@@ -174,7 +174,7 @@ def _per_rank_summary(result: VideoResult, skip: int, ctx: WorkerContext) -> lis
         dtype=torch.float64,
     )
     if ctx.world_size > 1:
-        engine = ExchangeEngine(dist.group.WORLD, CommStats(), ctx.device)
+        engine = ctx.engine(dist.group.WORLD, CommStats())
         parts = engine.gather(mine.to(ctx.device), dst=0)
     else:
         parts = [mine]
