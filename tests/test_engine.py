@@ -91,9 +91,14 @@ def _engine_worker(rank, world, port, errors):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world", [2, 3])
 def test_engine_stale_exchange_and_halos(world):
+    _run_ranks(_engine_worker, world)
+
+
+def _run_ranks(worker, world: int) -> None:
+    """Spawn ``world`` ranks of ``worker(rank, world, port, errors)``; fail with their tracebacks."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    context = mp.start_processes(_engine_worker, args=(world, free_port(), errors), nprocs=world, join=False, start_method="spawn")
+    context = mp.start_processes(worker, args=(world, free_port(), errors), nprocs=world, join=False, start_method="spawn")
     try:
         while not context.join(timeout=90):
             pass
@@ -101,7 +106,7 @@ def test_engine_stale_exchange_and_halos(world):
         messages = []
         while not errors.empty():
             messages.append(errors.get())
-        pytest.fail("\n".join(messages) or "engine worker failed")
+        pytest.fail("\n".join(messages) or f"{worker.__name__} failed")
 
 
 def _shm_worker(rank, world, port, errors):
@@ -157,16 +162,4 @@ def _shm_worker(rank, world, port, errors):
 @pytest.mark.skipif(not __import__("distgen.comm.shm", fromlist=["supported"]).supported(),
                     reason="the shared-memory channel needs x86-64 and /dev/shm")
 def test_shared_memory_transport_matches_gloo():
-    world = 3
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    context = mp.start_processes(_shm_worker, args=(world, free_port(), errors), nprocs=world, join=False,
-                                 start_method="spawn")
-    try:
-        while not context.join(timeout=90):
-            pass
-    except Exception:
-        messages = []
-        while not errors.empty():
-            messages.append(errors.get())
-        pytest.fail("\n".join(messages) or "shm worker failed")
+    _run_ranks(_shm_worker, 3)

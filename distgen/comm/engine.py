@@ -454,57 +454,43 @@ class ExchangeEngine:
             if to_prev is not None and to_next is not None and to_prev.device.type == "cpu" \
                     and self._channel() is not None:
                 halo.region = self._shm.region([_nbytes(to_prev), _nbytes(to_next)]) or False
-        if halo.region:
-            self._post_shm_halo(halo, to_prev, to_next, from_prev_shape, from_next_shape)
-            return
-        tag_down, tag_up = 2 * halo.index + 1, 2 * halo.index + 2
-        ops, keep = [], []
-        if self.rank > 0:
+        if halo.region and halo.posted > halo.read:
+            self._read_shm_halo(halo)  # a peer may overwrite our last post's parity only after we read theirs
+        has_prev, has_next = self.rank > 0, self.rank < self.world - 1
+        # Receive buffers (reused while the shape holds) and accounting, the same for both transports.
+        if has_prev:
             shape = from_prev_shape or to_next.shape  # type: ignore[union-attr]
             if halo.from_prev is None or halo.from_prev.shape != shape:
                 halo.from_prev = torch.empty(shape, dtype=to_prev.dtype, device=self.device)
+            self.stats.current.bytes_sent += _nbytes(to_prev)
+            self.stats.current.bytes_recv += _nbytes(halo.from_prev)
+        if has_next:
+            shape = from_next_shape or to_prev.shape  # type: ignore[union-attr]
+            if halo.from_next is None or halo.from_next.shape != shape:
+                halo.from_next = torch.empty(shape, dtype=to_next.dtype, device=self.device)
+            self.stats.current.bytes_sent += _nbytes(to_next)
+            self.stats.current.bytes_recv += _nbytes(halo.from_next)
+        self.stats.current.collectives += 1
+        if halo.region:
+            halo.region.write([to_prev if has_prev else None, to_next if has_next else None])
+            halo.posted += 1
+            return
+        tag_down, tag_up = 2 * halo.index + 1, 2 * halo.index + 2
+        ops, keep = [], []
+        if has_prev:
             send = to_prev.contiguous()
             keep.append(send)
             prev = self._global(self.rank - 1)
             ops.append(dist.P2POp(dist.irecv, halo.from_prev, prev, self.group, tag_down))
             ops.append(dist.P2POp(dist.isend, send, prev, self.group, tag_up))
-            self.stats.current.bytes_recv += halo.from_prev.numel() * halo.from_prev.element_size()
-            self.stats.current.bytes_sent += send.numel() * send.element_size()
-        if self.rank < self.world - 1:
-            shape = from_next_shape or to_prev.shape  # type: ignore[union-attr]
-            if halo.from_next is None or halo.from_next.shape != shape:
-                halo.from_next = torch.empty(shape, dtype=to_next.dtype, device=self.device)
+        if has_next:
             send = to_next.contiguous()
             keep.append(send)
             nxt = self._global(self.rank + 1)
             ops.append(dist.P2POp(dist.irecv, halo.from_next, nxt, self.group, tag_up))
             ops.append(dist.P2POp(dist.isend, send, nxt, self.group, tag_down))
-            self.stats.current.bytes_recv += halo.from_next.numel() * halo.from_next.element_size()
-            self.stats.current.bytes_sent += send.numel() * send.element_size()
         # One batch: on NCCL, separately issued sends/receives between two ranks can deadlock.
-        works = dist.batch_isend_irecv(ops)
-        self.stats.current.collectives += 1
-        halo.works, halo.keepalive = works, keep
-
-    def _post_shm_halo(self, halo: _Halo, to_prev, to_next, from_prev_shape, from_next_shape) -> None:
-        if halo.posted > halo.read:
-            self._read_shm_halo(halo)  # a peer may overwrite our last post's parity only after we read theirs
-        has_prev, has_next = self.rank > 0, self.rank < self.world - 1
-        halo.region.write([to_prev if has_prev else None, to_next if has_next else None])
-        halo.posted += 1
-        if has_prev:
-            shape = from_prev_shape or to_next.shape
-            if halo.from_prev is None or halo.from_prev.shape != shape:
-                halo.from_prev = torch.empty(shape, dtype=to_next.dtype, device=self.device)
-            self.stats.current.bytes_sent += _nbytes(to_prev)
-            self.stats.current.bytes_recv += _nbytes(halo.from_prev)
-        if has_next:
-            shape = from_next_shape or to_prev.shape
-            if halo.from_next is None or halo.from_next.shape != shape:
-                halo.from_next = torch.empty(shape, dtype=to_prev.dtype, device=self.device)
-            self.stats.current.bytes_sent += _nbytes(to_next)
-            self.stats.current.bytes_recv += _nbytes(halo.from_next)
-        self.stats.current.collectives += 1
+        halo.works, halo.keepalive = dist.batch_isend_irecv(ops), keep
 
     def _read_shm_halo(self, halo: _Halo) -> None:
         t0 = time.perf_counter()

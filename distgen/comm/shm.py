@@ -126,12 +126,6 @@ class ShmChannel:
         region.wait(range(self.world), n)
         return [region.read(r, n, 0, tensor.dtype, tensor.shape).clone() for r in range(self.world)]
 
-    def close(self) -> None:
-        for region in self._regions:
-            region.close()
-        self._regions.clear()
-        self._gathers.clear()
-
     def release(self, region: "ShmRegion") -> None:
         if region in self._regions:
             self._regions.remove(region)
