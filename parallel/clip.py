@@ -45,6 +45,8 @@ parallel rule: the mean-then-centred-variance of the paper's two-stage scheme, i
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,6 +69,49 @@ def clip_lengths(frames: int, world: int) -> list[int]:
 def global_frame_indices(frames: int, count: int) -> list[int]:
     """``count`` frames spread evenly over the video (centres of equal segments)."""
     return sorted({min(frames - 1, int((j + 0.5) * frames / count)) for j in range(count)})
+
+
+@dataclasses.dataclass
+class DualScopeLayout:
+    """The keys of one rank's dual-scope attention: [previous window | own clip | next window |
+    global frames outside those], and the (queries, keys) bias that weights the two scopes."""
+
+    extra: list[int]  # positions, among all global frames, of those outside this rank's window
+    gather_globals: bool  # some rank needs another's global frames (the same on every rank)
+    bias: torch.Tensor
+
+
+def dual_scope_layout(starts: list[int], lengths: list[int], rank: int, local: int, global_indices: list[int],
+                      emphasise_global: bool, dtype=torch.float32, device=None) -> DualScopeLayout:
+    """Keys and bias of ``rank``'s clip for a window of ±``local`` frames and ``global_indices``.
+
+    Query frame q sees key frame k locally when |k - q| <= local (k in its clip or the
+    neighbours' edges) and globally when k is a global frame; each scope adds its bias (+10 for
+    the emphasised one) and a key in both gets logaddexp of the two, which is what two copies
+    of it (Video-Infinity's separate local and global keys) give. Missing neighbours at the
+    video ends contribute no keys.
+    """
+    world = len(lengths)
+
+    def window(r: int) -> tuple[int, int]:
+        return starts[r] - (local if r > 0 else 0), starts[r] + lengths[r] + (local if r < world - 1 else 0)
+
+    def outside(r: int) -> list[int]:
+        lo, hi = window(r)
+        return [p for p, g in enumerate(global_indices) if not lo <= g < hi]
+
+    lo, hi = window(rank)
+    extra = outside(rank)
+    frames = torch.tensor(list(range(lo, hi)) + [global_indices[p] for p in extra], device=device)
+    queries = torch.arange(starts[rank], starts[rank] + lengths[rank], device=device)
+    in_window = torch.arange(len(frames), device=device) < hi - lo
+    local_scope = in_window[None, :] & ((frames[None, :] - queries[:, None]).abs() <= local)
+    global_scope = torch.isin(frames, torch.tensor(global_indices, dtype=frames.dtype, device=device))
+    local_bias, global_bias = (0.0, SCOPE_BIAS) if emphasise_global else (SCOPE_BIAS, 0.0)
+    none = torch.tensor(float("-inf"), dtype=torch.float64, device=device)
+    bias = torch.logaddexp(torch.where(local_scope, local_bias, none),
+                           torch.where(global_scope, global_bias, none).expand_as(local_scope))
+    return DualScopeLayout(extra, any(outside(r) for r in range(world)), bias.to(dtype))
 
 
 class ClipState:
@@ -102,6 +147,7 @@ class ClipState:
         self.lengths = clip_lengths(frames, self.world)
         self.starts = [sum(self.lengths[:r]) for r in range(self.world)]
         indices = global_frame_indices(frames, self.config.global_frames) if self.config.global_frames else []
+        self.global_indices = indices
         # Which of the sampled global frames each rank owns (clip-local indices).
         self.global_owned = [
             [i - s for i in indices if s <= i < s + n] for s, n in zip(self.starts, self.lengths)
@@ -228,56 +274,66 @@ class ClipState:
         return result if out is None else out.copy_(result)
 
     # ------------------------------------------------------------------ attention
-    def full_kv(self, name: str, kv: torch.Tensor) -> torch.Tensor:
-        """Exact: keys+values (N, frames, 2D) of the whole video, in frame order."""
-        return self._padded_gather(f"{name}.full", kv, list(range(self.length)), self.lengths)
+    def full_kv(self, name: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact: keys and values (N, frames, D) of the whole video, in frame order."""
+        parts = self._gather_frames(f"{name}.full", torch.cat([key, value], dim=-1), self.lengths)
+        d = key.shape[-1]
+        return torch.cat([p[..., :d] for p in parts], dim=1), torch.cat([p[..., d:] for p in parts], dim=1)
 
-    def dual_scope_begin(self, name: str, kv: torch.Tensor):
+    def dual_scope_begin(self, name: str, key: torch.Tensor, value: torch.Tensor):
         """Dual-scope, part 1: send this clip's edge keys+values (N, frames, 2D) to the neighbours.
 
         Keys and values travel (twice the bytes of the attention inputs) so that no rank
         projects another's frames again: on CPU the projections cost more than the bytes.
         """
         local = self.config.local_frames
-        return self.halo_begin(f"{name}.local", kv[:, :local], kv[:, -local:])
+        to_prev = torch.cat([key[:, :local], value[:, :local]], dim=-1)
+        to_next = torch.cat([key[:, -local:], value[:, -local:]], dim=-1)
+        return self.halo_begin(f"{name}.local", to_prev, to_next)
 
-    def dual_scope_end(self, name: str, kv: torch.Tensor, begun) -> tuple[torch.Tensor, torch.Tensor]:
-        """Part 2: keys+values of the local window and the global frames, and the attention bias."""
-        counts = [len(owned) for owned in self.global_owned]
-        sampled = (self._padded_gather(f"{name}.global", kv, self.global_owned[self.rank], counts)
-                   if sum(counts) else None)
+    def dual_scope_end(self, name: str, key: torch.Tensor, value: torch.Tensor, begun):
+        """Part 2: (keys, values, bias) over the local window and the global frames.
+
+        A global frame that is also in the window (or this clip) is one key whose bias is
+        logaddexp of its two scopes' biases: softmax sums exp(logit) over keys, so that equals
+        the reference's two copies of it, exactly, with fewer keys.
+        """
+        layout = self._dual_scope_layout(key.dtype, key.device)
+        sampled = None
+        if layout.gather_globals:
+            owned = self.global_owned[self.rank]
+            mine = torch.cat([key[:, owned], value[:, owned]], dim=-1)
+            sampled = torch.cat(self._gather_frames(f"{name}.global", mine, [len(o) for o in self.global_owned]), dim=1)
         from_prev, from_next = self.halo_end(f"{name}.local", begun)
-        parts = [p for p in (from_prev, kv, from_next, sampled) if p is not None]
-        before = 0 if from_prev is None else from_prev.shape[1]
-        after = 0 if from_next is None else from_next.shape[1]
-        return torch.cat(parts, dim=1), self._dual_scope_bias(before, after, sum(counts), kv.dtype, kv.device)
+        remote = [p for p in (from_prev, from_next) if p is not None]
+        if layout.extra:
+            remote.append(sampled[:, layout.extra])
+        if not remote:
+            return key, value, layout.bias
+        d = key.shape[-1]
+        before = [] if from_prev is None else [from_prev]
+        after = [p for p in remote if p is not from_prev]
+        keys = torch.cat([p[..., :d] for p in before] + [key] + [p[..., :d] for p in after], dim=1)
+        values = torch.cat([p[..., d:] for p in before] + [value] + [p[..., d:] for p in after], dim=1)
+        return keys, values, layout.bias
 
-    def _padded_gather(self, name: str, kv: torch.Tensor, frames: list[int], counts: list[int]) -> torch.Tensor:
-        """All ranks' ``kv[:, frames]``, concatenated in rank order (padded to equal shapes on the wire)."""
+    def _gather_frames(self, name: str, mine: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """Every rank's ``mine`` (N, counts[rank], ...), in rank order; padded to equal shapes on
+        the wire, trimmed here."""
         width = max(counts)
-        mine = kv[:, frames]
         if mine.shape[1] < width:
             mine = F.pad(mine, (0, 0, 0, width - mine.shape[1]))
-        parts = self.gather(name, mine)
-        out = torch.cat([part[:, :n] for part, n in zip(parts, counts)], dim=1)
+        parts = [part[:, :n] for part, n in zip(self.gather(name, mine), counts)]
         self.publish(name, mine)
-        return out
+        return parts
 
-    def _dual_scope_bias(self, before: int, after: int, n_global: int, dtype, device) -> torch.Tensor:
+    def _dual_scope_layout(self, dtype, device) -> DualScopeLayout:
         emphasise_global = self.timestep >= self.config.scope_switch_t
-        key = (before, after, n_global, emphasise_global, dtype, device)
+        key = (emphasise_global, dtype, device)
         if key != self._bias_key:
-            window = self.config.local_frames
-            queries = torch.arange(self.length, device=device)
-            keys = torch.arange(-before, self.length + after, device=device)
-            inside = (keys[None, :] - queries[:, None]).abs() <= window
-            local = torch.where(inside, 0.0, float("-inf"))
-            glob = torch.zeros(self.length, n_global, device=device)
-            if emphasise_global:
-                glob += SCOPE_BIAS
-            else:
-                local += SCOPE_BIAS
-            self._bias_key, self._bias = key, torch.cat([local, glob], dim=1).to(dtype)
+            self._bias_key = key
+            self._bias = dual_scope_layout(self.starts, self.lengths, self.rank, self.config.local_frames,
+                                           self.global_indices, emphasise_global, dtype, device)
         return self._bias
 
     # ------------------------------------------------------------------ denoiser io
@@ -414,16 +470,13 @@ class _ClipAttnProcessor:
         key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         bias = None
         if "attention" in state.exchanges and state.config.mode == "dual-scope":
-            kv = torch.cat([key, value], dim=-1)
-            begun = state.dual_scope_begin(self.name, kv)
+            begun = state.dual_scope_begin(self.name, key, value)
             query = attn.to_q(hidden_states)  # while the window's keys and values travel
-            kv, bias = state.dual_scope_end(self.name, kv, begun)
-            key, value = kv[..., : key.shape[-1]], kv[..., key.shape[-1] :]
+            key, value, bias = state.dual_scope_end(self.name, key, value, begun)
         else:
             query = attn.to_q(hidden_states)
             if "attention" in state.exchanges:  # exact: the whole video's keys and values
-                kv = state.full_kv(self.name, torch.cat([key, value], dim=-1))
-                key, value = kv[..., : key.shape[-1]], kv[..., key.shape[-1] :]
+                key, value = state.full_kv(self.name, key, value)
         query, key, value = split_heads(attn, query, key, value)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
         out = merge_heads(out, query.dtype)

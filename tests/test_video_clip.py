@@ -31,7 +31,7 @@ from distgen.launch.local import free_port, spawn
 from distgen.models.tiny import save_pipeline
 from distgen.models.tiny_video import build_video_pipeline
 from distgen.models.video import pipeline_kwargs
-from distgen.parallel.clip import clip_lengths, global_frame_indices
+from distgen.parallel.clip import clip_lengths, dual_scope_layout, global_frame_indices
 
 EXACT_ATOL = 1e-4
 # Guidance 2 and few steps: enough to exercise the guidance batch while keeping the random
@@ -178,6 +178,34 @@ def test_uneven_clips_and_global_frames():
     assert global_frame_indices(5, 5) == [0, 1, 2, 3, 4]
     with pytest.raises(Exception, match="local-frames"):
         ClipConfig(local_frames=5).resolved(frames=8, clip_degree=2)
+
+
+@pytest.mark.parametrize("frames,world,local,n_global", [(48, 2, 8, 12), (10, 4, 2, 4), (7, 2, 3, 3), (16, 2, 8, 0)])
+@pytest.mark.parametrize("emphasise_global", [True, False])
+def test_dual_scope_keys_equal_separate_local_and_global_copies(frames, world, local, n_global, emphasise_global):
+    """One key per frame with logaddexp biases == Video-Infinity's window keys + separate global keys."""
+    lengths = clip_lengths(frames, world)
+    starts = [sum(lengths[:r]) for r in range(world)]
+    indices = global_frame_indices(frames, n_global) if n_global else []
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, frames, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    for rank in range(world):
+        start, stop = starts[rank], starts[rank] + lengths[rank]
+        lo, hi = start - (local if rank > 0 else 0), stop + (local if rank < world - 1 else 0)
+        # Reference: window keys masked to |key - query| <= local, then every global frame again.
+        window = torch.arange(lo, hi)
+        local_bias = torch.where((window[None] - torch.arange(start, stop)[:, None]).abs() <= local, 0.0, float("-inf"))
+        global_bias = torch.zeros(stop - start, len(indices))
+        (global_bias if emphasise_global else local_bias).add_(10.0)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, start:stop], k[:, :, list(range(lo, hi)) + indices], v[:, :, list(range(lo, hi)) + indices],
+            attn_mask=torch.cat([local_bias, global_bias], dim=1).double())
+        layout = dual_scope_layout(starts, lengths, rank, local, indices, emphasise_global, torch.float64)
+        keys = list(range(lo, hi)) + [indices[p] for p in layout.extra]
+        assert len(set(keys)) == len(keys)  # no frame twice
+        out = torch.nn.functional.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, keys], v[:, :, keys],
+                                                               attn_mask=layout.bias)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
 def _gather_worker(rank, world, port, errors):
