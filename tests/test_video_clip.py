@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import psnr
+from distgen.bench import step_seconds
 from distgen.bench_video import boundary_consistency
 from distgen.cli import main
 from distgen.comm import CommStats, ExchangeEngine
@@ -178,6 +179,12 @@ def test_uneven_clips_and_global_frames():
     assert global_frame_indices(5, 5) == [0, 1, 2, 3, 4]
     with pytest.raises(Exception, match="local-frames"):
         ClipConfig(local_frames=5).resolved(frames=8, clip_degree=2)
+
+
+def test_bench_step_time_is_the_slowest_ranks():
+    # rank 0 pooled after skipping each run's first call: 1,1,1,1,1,5 (median 1); rank 1: 2,3,2,2,2,2 (median 2)
+    runs = [{"step_seconds_per_rank": [[9, 1, 1, 1], [9, 2, 3, 2]]}, {"step_seconds_per_rank": [[9, 1, 1, 5], [9, 2, 2, 2]]}]
+    assert step_seconds({"runs": runs}, skip=1) == {"seconds_per_step": 2, "seconds_per_step_per_rank": [1, 2]}
 
 
 @pytest.mark.parametrize("frames,world,local,n_global", [(48, 2, 8, 12), (10, 4, 2, 4), (7, 2, 3, 3), (16, 2, 8, 0)])

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from distgen.comm import CommStats
 from distgen.config import ImageJob, ImageRequest
@@ -39,6 +40,19 @@ class StepTimer:
             torch.cuda.synchronize(self.device)
         self.seconds.append(time.perf_counter() - self._started)
         self.stats.end_step()
+
+
+def gather_step_seconds(ctx: WorkerContext, seconds: list[float]) -> list[list[float]] | None:
+    """Every rank's step times, at rank 0 (None elsewhere); a collective.
+
+    A parallel step is done when its slowest rank is: ranks that never wait for each other
+    (naive modes) can drift apart, and rank 0's times alone would hide a slower rank.
+    """
+    if ctx.world_size == 1:
+        return [list(seconds)]
+    mine = torch.tensor(seconds, dtype=torch.float64, device=ctx.device)
+    parts = ctx.engine(dist.group.WORLD, CommStats()).gather(mine, dst=0)
+    return None if parts is None else [p.cpu().tolist() for p in parts]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from distgen.comm import CommStats
 from distgen.config_video import VideoJob, VideoRequest
 from distgen.models import video as adapter
 from distgen.models.diffusion import denoiser_of, load_pipeline
-from distgen.runtime.diffusion import StepTimer
+from distgen.runtime.diffusion import StepTimer, gather_step_seconds
 from distgen.parallel import cfg as cfg_parallel
 from distgen.parallel import clip as clip_parallel
 from distgen.runtime.dist import WorkerContext
@@ -197,6 +197,7 @@ def run_video_job(job: VideoJob, ctx: WorkerContext) -> dict | None:
     final = results[-1]
     skip = max(1, job.clip.warmup_steps) if job.clip.stale_context else 1
     per_rank = _per_rank_summary(final, skip, ctx)
+    per_rank_steps = [gather_step_seconds(ctx, r.step_seconds) for r in results]
     if ctx.rank != 0:
         return None
     if job.out:
@@ -213,11 +214,12 @@ def run_video_job(job: VideoJob, ctx: WorkerContext) -> dict | None:
         "runs": [
             {
                 "step_seconds": r.step_seconds,
+                "step_seconds_per_rank": steps,
                 "bytes_sent": r.bytes_sent,
                 "bytes_recv": r.bytes_recv,
                 "wait_seconds": r.wait_seconds,
                 "total_seconds": r.total_seconds,
             }
-            for r in results
+            for r, steps in zip(results, per_rank_steps)
         ],
     }

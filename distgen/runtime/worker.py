@@ -54,7 +54,7 @@ def run_worker(job: Any) -> dict | None:
 
 
 def run_image_job(job: ImageJob, ctx) -> dict | None:
-    from distgen.runtime.diffusion import DiffusionRunner
+    from distgen.runtime.diffusion import DiffusionRunner, gather_step_seconds
 
     runner = DiffusionRunner(job, ctx, resolve_model_dir(job.model))
     results = []
@@ -62,6 +62,7 @@ def run_image_job(job: ImageJob, ctx) -> dict | None:
         last = repeat == job.repeats - 1
         decode = last and ctx.rank == 0
         results.append(runner.generate(job.request, decode=decode))
+    per_rank_steps = [gather_step_seconds(ctx, r.step_seconds) for r in results]
     if ctx.rank != 0:
         return None
     final = results[-1]
@@ -75,10 +76,11 @@ def run_image_job(job: ImageJob, ctx) -> dict | None:
         "runs": [
             {
                 "step_seconds": r.step_seconds,
+                "step_seconds_per_rank": steps,
                 "bytes_sent": r.bytes_sent,
                 "bytes_recv": r.bytes_recv,
                 "wait_seconds": r.wait_seconds,
             }
-            for r in results
+            for r, steps in zip(results, per_rank_steps)
         ],
     }
