@@ -305,14 +305,12 @@ class ClipState:
             mine = torch.cat([key[:, owned], value[:, owned]], dim=-1)
             sampled = torch.cat(self._gather_frames(f"{name}.global", mine, [len(o) for o in self.global_owned]), dim=1)
         from_prev, from_next = self.halo_end(f"{name}.local", begun)
-        remote = [p for p in (from_prev, from_next) if p is not None]
-        if layout.extra:
-            remote.append(sampled[:, layout.extra])
-        if not remote:
+        # The layout's key order: previous window, own clip, next window, extra globals (k|v pieces).
+        before = [from_prev] if from_prev is not None else []
+        after = [p for p in (from_next, sampled[:, layout.extra] if layout.extra else None) if p is not None]
+        if not before and not after:
             return key, value, layout.bias
         d = key.shape[-1]
-        before = [] if from_prev is None else [from_prev]
-        after = [p for p in remote if p is not from_prev]
         keys = torch.cat([p[..., :d] for p in before] + [key] + [p[..., :d] for p in after], dim=1)
         values = torch.cat([p[..., d:] for p in before] + [value] + [p[..., d:] for p in after], dim=1)
         return keys, values, layout.bias
