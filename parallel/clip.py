@@ -133,8 +133,8 @@ class ClipState:
         self.lengths: list[int] = []
         self.starts: list[int] = []
         self.replaced: dict[str, int] = {}
-        self._bias_key = None
-        self._bias = None
+        self._layout_key = None
+        self._layout = None
 
     # ------------------------------------------------------------------ geometry
     def set_frames(self, frames: int) -> None:
@@ -152,7 +152,7 @@ class ClipState:
         self.global_owned = [
             [i - s for i in indices if s <= i < s + n] for s, n in zip(self.starts, self.lengths)
         ]
-        self._bias_key = None
+        self._layout_key = None
 
     @property
     def start(self) -> int:
@@ -276,9 +276,8 @@ class ClipState:
     # ------------------------------------------------------------------ attention
     def full_kv(self, name: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact: keys and values (N, frames, D) of the whole video, in frame order."""
-        parts = self._gather_frames(f"{name}.full", torch.cat([key, value], dim=-1), self.lengths)
-        d = key.shape[-1]
-        return torch.cat([p[..., :d] for p in parts], dim=1), torch.cat([p[..., d:] for p in parts], dim=1)
+        return _cat_kv(self._gather_frames(f"{name}.full", torch.cat([key, value], dim=-1), self.lengths),
+                       key.shape[-1])
 
     def dual_scope_begin(self, name: str, key: torch.Tensor, value: torch.Tensor):
         """Dual-scope, part 1: send this clip's edge keys+values (N, frames, 2D) to the neighbours.
@@ -305,15 +304,11 @@ class ClipState:
             mine = torch.cat([key[:, owned], value[:, owned]], dim=-1)
             sampled = torch.cat(self._gather_frames(f"{name}.global", mine, [len(o) for o in self.global_owned]), dim=1)
         from_prev, from_next = self.halo_end(f"{name}.local", begun)
-        # The layout's key order: previous window, own clip, next window, extra globals (k|v pieces).
-        before = [from_prev] if from_prev is not None else []
-        after = [p for p in (from_next, sampled[:, layout.extra] if layout.extra else None) if p is not None]
-        if not before and not after:
+        extra = sampled[:, layout.extra] if layout.extra else None
+        if from_prev is None and from_next is None and extra is None:
             return key, value, layout.bias
-        d = key.shape[-1]
-        keys = torch.cat([p[..., :d] for p in before] + [key] + [p[..., :d] for p in after], dim=1)
-        values = torch.cat([p[..., d:] for p in before] + [value] + [p[..., d:] for p in after], dim=1)
-        return keys, values, layout.bias
+        # The layout's key order: previous window, own clip, next window, extra globals.
+        return (*_cat_kv([from_prev, (key, value), from_next, extra], key.shape[-1]), layout.bias)
 
     def _gather_frames(self, name: str, mine: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Every rank's ``mine`` (N, counts[rank], ...), in rank order; padded to equal shapes on
@@ -328,11 +323,11 @@ class ClipState:
     def _dual_scope_layout(self, dtype, device) -> DualScopeLayout:
         emphasise_global = self.timestep >= self.config.scope_switch_t
         key = (emphasise_global, dtype, device)
-        if key != self._bias_key:
-            self._bias_key = key
-            self._bias = dual_scope_layout(self.starts, self.lengths, self.rank, self.config.local_frames,
+        if key != self._layout_key:
+            self._layout_key = key
+            self._layout = dual_scope_layout(self.starts, self.lengths, self.rank, self.config.local_frames,
                                            self.global_indices, emphasise_global, dtype, device)
-        return self._bias
+        return self._layout
 
     # ------------------------------------------------------------------ denoiser io
     def expand_output(self, clip: torch.Tensor) -> torch.Tensor:
@@ -348,6 +343,13 @@ class ClipState:
         padded = F.pad(clip, (0, 0, 0, 0, 0, width - clip.shape[2]))
         parts = self.engine.all_gather(padded)
         return torch.cat([p[:, :, :n] for p, n in zip(parts, self.lengths)], dim=2)
+
+
+def _cat_kv(pieces: list, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of ``pieces`` concatenated along frames: k|v tensors (split at ``d``) or
+    (keys, values) pairs; None skipped."""
+    pairs = [p if isinstance(p, tuple) else (p[..., :d], p[..., d:]) for p in pieces if p is not None]
+    return torch.cat([k for k, _ in pairs], dim=1), torch.cat([v for _, v in pairs], dim=1)
 
 
 def _local_stats(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -459,17 +459,9 @@ class ExchangeEngine:
         has_prev, has_next = self.rank > 0, self.rank < self.world - 1
         # Receive buffers (reused while the shape holds) and accounting, the same for both transports.
         if has_prev:
-            shape = from_prev_shape or to_next.shape  # type: ignore[union-attr]
-            if halo.from_prev is None or halo.from_prev.shape != shape:
-                halo.from_prev = torch.empty(shape, dtype=to_prev.dtype, device=self.device)
-            self.stats.current.bytes_sent += _nbytes(to_prev)
-            self.stats.current.bytes_recv += _nbytes(halo.from_prev)
+            halo.from_prev = self._receive_buffer(halo.from_prev, from_prev_shape or to_next.shape, to_prev)  # type: ignore[union-attr]
         if has_next:
-            shape = from_next_shape or to_prev.shape  # type: ignore[union-attr]
-            if halo.from_next is None or halo.from_next.shape != shape:
-                halo.from_next = torch.empty(shape, dtype=to_next.dtype, device=self.device)
-            self.stats.current.bytes_sent += _nbytes(to_next)
-            self.stats.current.bytes_recv += _nbytes(halo.from_next)
+            halo.from_next = self._receive_buffer(halo.from_next, from_next_shape or to_prev.shape, to_next)  # type: ignore[union-attr]
         self.stats.current.collectives += 1
         if halo.region:
             halo.region.write([to_prev if has_prev else None, to_next if has_next else None])
@@ -491,6 +483,14 @@ class ExchangeEngine:
             ops.append(dist.P2POp(dist.isend, send, nxt, self.group, tag_down))
         # One batch: on NCCL, separately issued sends/receives between two ranks can deadlock.
         halo.works, halo.keepalive = dist.batch_isend_irecv(ops), keep
+
+    def _receive_buffer(self, buffer: torch.Tensor | None, shape: torch.Size, send: torch.Tensor) -> torch.Tensor:
+        """The buffer for what comes back for ``send`` (kept while its shape holds); accounts both."""
+        if buffer is None or buffer.shape != shape:
+            buffer = torch.empty(shape, dtype=send.dtype, device=self.device)
+        self.stats.current.bytes_sent += _nbytes(send)
+        self.stats.current.bytes_recv += _nbytes(buffer)
+        return buffer
 
     def _read_shm_halo(self, halo: _Halo) -> None:
         t0 = time.perf_counter()
