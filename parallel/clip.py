@@ -135,6 +135,7 @@ class ClipState:
         self.replaced: dict[str, int] = {}
         self._layout_key = None
         self._layout = None
+        self._extra_sources: list[tuple[int, slice | list[int]]] = []
 
     # ------------------------------------------------------------------ geometry
     def set_frames(self, frames: int) -> None:
@@ -268,47 +269,46 @@ class ClipState:
             scale = scale * norm.weight.float()
             shift = shift * norm.weight.float() + norm.bias.float()
         shape = x.shape[:2] + (1,) * (x.dim() - 2)
+        # mul then add_ rather than addcmul: with per-channel operands addcmul takes a slow
+        # broadcasting loop on CPU (~3x the two vectorised passes).
         if out is not None and x.dtype == torch.float32:
-            return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
-        result = torch.addcmul(shift.view(shape), x.float(), scale.view(shape)).to(x.dtype)
+            return torch.mul(x, scale.view(shape), out=out).add_(shift.view(shape))
+        result = (x.float() * scale.view(shape)).add_(shift.view(shape)).to(x.dtype)
         return result if out is None else out.copy_(result)
 
     # ------------------------------------------------------------------ attention
-    def full_kv(self, name: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact: keys and values (N, frames, D) of the whole video, in frame order."""
-        return _cat_kv(self._gather_frames(f"{name}.full", torch.cat([key, value], dim=-1), self.lengths),
-                       key.shape[-1])
+    def full_kv(self, name: str, kv: torch.Tensor) -> torch.Tensor:
+        """Exact: keys|values (N, frames, 2D) of the whole video, in frame order."""
+        return torch.cat(self._gather_frames(f"{name}.full", kv, self.lengths), dim=1)
 
-    def dual_scope_begin(self, name: str, key: torch.Tensor, value: torch.Tensor):
-        """Dual-scope, part 1: send this clip's edge keys+values (N, frames, 2D) to the neighbours.
+    def dual_scope_begin(self, name: str, kv: torch.Tensor):
+        """Dual-scope, part 1: send this clip's edge keys|values (N, frames, 2D) to the neighbours.
 
         Keys and values travel (twice the bytes of the attention inputs) so that no rank
         projects another's frames again: on CPU the projections cost more than the bytes.
         """
         local = self.config.local_frames
-        to_prev = torch.cat([key[:, :local], value[:, :local]], dim=-1)
-        to_next = torch.cat([key[:, -local:], value[:, -local:]], dim=-1)
-        return self.halo_begin(f"{name}.local", to_prev, to_next)
+        return self.halo_begin(f"{name}.local", kv[:, :local], kv[:, -local:])
 
-    def dual_scope_end(self, name: str, key: torch.Tensor, value: torch.Tensor, begun):
-        """Part 2: (keys, values, bias) over the local window and the global frames.
+    def dual_scope_end(self, name: str, kv: torch.Tensor, begun) -> tuple[torch.Tensor, torch.Tensor]:
+        """Part 2: (keys|values, bias) over the local window and the global frames.
 
         A global frame that is also in the window (or this clip) is one key whose bias is
         logaddexp of its two scopes' biases: softmax sums exp(logit) over keys, so that equals
         the reference's two copies of it, exactly, with fewer keys.
         """
-        layout = self._dual_scope_layout(key.dtype, key.device)
-        sampled = None
+        layout = self._dual_scope_layout(kv.dtype, kv.device)
+        extra = None
         if layout.gather_globals:
-            owned = self.global_owned[self.rank]
-            mine = torch.cat([key[:, owned], value[:, owned]], dim=-1)
-            sampled = torch.cat(self._gather_frames(f"{name}.global", mine, [len(o) for o in self.global_owned]), dim=1)
+            mine = kv[:, _as_index(self.global_owned[self.rank])]
+            sampled = self._gather_frames(f"{name}.global", mine, [len(o) for o in self.global_owned])
+            if layout.extra:
+                extra = torch.cat([sampled[r][:, index] for r, index in self._extra_sources], dim=1)
         from_prev, from_next = self.halo_end(f"{name}.local", begun)
-        extra = sampled[:, layout.extra] if layout.extra else None
         if from_prev is None and from_next is None and extra is None:
-            return key, value, layout.bias
+            return kv, layout.bias
         # The layout's key order: previous window, own clip, next window, extra globals.
-        return (*_cat_kv([from_prev, (key, value), from_next, extra], key.shape[-1]), layout.bias)
+        return torch.cat([p for p in (from_prev, kv, from_next, extra) if p is not None], dim=1), layout.bias
 
     def _gather_frames(self, name: str, mine: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Every rank's ``mine`` (N, counts[rank], ...), in rank order; padded to equal shapes on
@@ -327,6 +327,11 @@ class ClipState:
             self._layout_key = key
             self._layout = dual_scope_layout(self.starts, self.lengths, self.rank, self.config.local_frames,
                                            self.global_indices, emphasise_global, dtype, device)
+            # Where each extra global frame is among the gathered ones: (rank, index in its part).
+            owner = [(r, i) for r, owned in enumerate(self.global_owned) for i in range(len(owned))]
+            wanted = [owner[p] for p in self._layout.extra]
+            self._extra_sources = [(r, _as_index([i for rr, i in wanted if rr == r]))
+                                   for r in range(self.world) if any(rr == r for rr, _ in wanted)]
         return self._layout
 
     # ------------------------------------------------------------------ denoiser io
@@ -345,11 +350,13 @@ class ClipState:
         return torch.cat([p[:, :, :n] for p, n in zip(parts, self.lengths)], dim=2)
 
 
-def _cat_kv(pieces: list, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of ``pieces`` concatenated along frames: k|v tensors (split at ``d``) or
-    (keys, values) pairs; None skipped."""
-    pairs = [p if isinstance(p, tuple) else (p[..., :d], p[..., d:]) for p in pieces if p is not None]
-    return torch.cat([k for k, _ in pairs], dim=1), torch.cat([v for _, v in pairs], dim=1)
+def _as_index(positions: list[int]):
+    """A slice where ``positions`` are evenly spaced (a view, not a gather), else the list."""
+    if len(positions) == 1 or (len(positions) > 1 and positions[1] > positions[0] and
+                               all(b - a == positions[1] - positions[0] for a, b in zip(positions, positions[1:]))):
+        step = positions[1] - positions[0] if len(positions) > 1 else 1
+        return slice(positions[0], positions[-1] + 1, step)
+    return positions
 
 
 def _local_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -462,28 +469,47 @@ class _ClipAttnProcessor:
         self.state = state
         self.name = name
         self.original = original
+        self._stacked_key = None
+        self._stacked = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         state, residual = self.state, hidden_states
-        key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        # Keys and values from one matmul, side by side (N, frames, 2D): what travels and what
+        # is concatenated is then one tensor, and the attention reads k and v as views of it.
+        kv = self._project_kv(attn, hidden_states)
         bias = None
         if "attention" in state.exchanges and state.config.mode == "dual-scope":
-            begun = state.dual_scope_begin(self.name, key, value)
+            begun = state.dual_scope_begin(self.name, kv)
             query = attn.to_q(hidden_states)  # while the window's keys and values travel
-            key, value, bias = state.dual_scope_end(self.name, key, value, begun)
+            kv, bias = state.dual_scope_end(self.name, kv, begun)
         else:
             query = attn.to_q(hidden_states)
             if "attention" in state.exchanges:  # exact: the whole video's keys and values
-                key, value = state.full_kv(self.name, key, value)
-        query, key, value = split_heads(attn, query, key, value)
+                kv = state.full_kv(self.name, kv)
+        d = kv.shape[-1] // 2
+        query, key, value = split_heads(attn, query, kv[..., :d], kv[..., d:])
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
         out = merge_heads(out, query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _project_kv(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``cat([to_k(x), to_v(x)], -1)`` as one linear (weights stacked once, re-stacked if
+        the layers' parameters are replaced or moved)."""
+        to_k, to_v = attn.to_k, attn.to_v
+        if type(to_k) is not nn.Linear or type(to_v) is not nn.Linear or (to_k.bias is None) != (to_v.bias is None):
+            return torch.cat([to_k(hidden_states), to_v(hidden_states)], dim=-1)  # e.g. LoRA-wrapped layers
+        params = (to_k.weight, to_v.weight, to_k.bias, to_v.bias)
+        key = tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
+        if self._stacked_key != key:
+            self._stacked_key = key
+            self._stacked = (torch.cat([to_k.weight, to_v.weight]).detach(),
+                             None if to_k.bias is None else torch.cat([to_k.bias, to_v.bias]).detach())
+        return F.linear(hidden_states, *self._stacked)
 
 
 class _ClipPositions(nn.Module):

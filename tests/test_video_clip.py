@@ -32,7 +32,7 @@ from distgen.launch.local import free_port, spawn
 from distgen.models.tiny import save_pipeline
 from distgen.models.tiny_video import build_video_pipeline
 from distgen.models.video import pipeline_kwargs
-from distgen.parallel.clip import clip_lengths, dual_scope_layout, global_frame_indices
+from distgen.parallel.clip import ClipState, clip_lengths, dual_scope_layout, global_frame_indices
 
 EXACT_ATOL = 1e-4
 # Guidance 2 and few steps: enough to exercise the guidance batch while keeping the random
@@ -213,6 +213,49 @@ def test_dual_scope_keys_equal_separate_local_and_global_copies(frames, world, l
         out = torch.nn.functional.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, keys], v[:, :, keys],
                                                                attn_mask=layout.bias)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def _assembly_worker(rank, world, port, frames, local, n_global, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        engine = ExchangeEngine(dist.group.WORLD, CommStats(), torch.device("cpu"))
+        state = ClipState(engine, ClipConfig(mode="dual-scope", local_frames=local, global_frames=n_global))
+        state.set_frames(frames)
+        full = torch.randn(3, frames, 10, generator=torch.Generator().manual_seed(0))  # keys|values, every frame
+        start, stop = state.start, state.start + state.length
+        own = full[:, start:stop]  # not contiguous: travels through strided copies
+        lo, hi = start - (local if rank > 0 else 0), stop + (local if rank < world - 1 else 0)
+        for timestep in (900.0, 100.0):  # global, then local emphasis
+            state.timestep = timestep
+            begun = state.dual_scope_begin("attn", own)
+            kv, bias = state.dual_scope_end("attn", own, begun)
+            layout = dual_scope_layout(state.starts, state.lengths, rank, local, state.global_indices, timestep >= 800)
+            keys = list(range(lo, hi)) + [state.global_indices[p] for p in layout.extra]
+            assert torch.equal(kv, full[:, keys]), f"rank {rank}: keys of frames {keys} expected"
+            assert torch.equal(bias, layout.bias)
+        assert torch.equal(state.full_kv("attn", own), full)
+        dist.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("frames,world,local,n_global", [(48, 2, 8, 12), (10, 4, 2, 4)])
+def test_dual_scope_keys_arrive_from_the_right_frames(frames, world, local, n_global):
+    """Across real ranks, each rank's assembled keys|values are the full video's at its layout's frames."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_assembly_worker, args=(r, world, port, frames, local, n_global, errors))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(80)
+    assert errors.empty(), errors.get()
+    assert all(p.exitcode == 0 for p in procs)
 
 
 def _gather_worker(rank, world, port, errors):

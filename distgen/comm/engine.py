@@ -178,15 +178,15 @@ class ExchangeEngine:
         """Every rank's tensor, in group-rank order (blocking, timed)."""
         if self.world == 1:
             return [tensor]
-        tensor = tensor.contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         self._account_gather(nbytes)
         if tensor.device.type == "cpu" and self._channel() is not None:
             t0 = time.perf_counter()
-            out = self._shm.all_gather(tensor)
+            out = self._shm.all_gather(tensor)  # copies a strided tensor straight into shared memory
             if out is not None:
                 self.stats.current.wait_s += time.perf_counter() - t0
                 return out
+        tensor = tensor.contiguous()
         out = [torch.empty_like(tensor) for _ in range(self.world)]
         self._wait(dist.all_gather(out, tensor, group=self.group, async_op=True))
         return out

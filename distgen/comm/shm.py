@@ -158,10 +158,11 @@ class ShmRegion:
         for i, part in enumerate(parts):
             if part is None:
                 continue
-            raw = part.contiguous().view(-1).view(torch.uint8)
-            if raw.numel() > self.sizes[i]:
-                raise ValueError(f"shm region: part {i} of {raw.numel()} bytes exceeds its {self.sizes[i]} bytes")
-            slot[self.offsets[i]:self.offsets[i] + raw.numel()].copy_(raw)
+            nbytes = part.numel() * part.element_size()
+            if nbytes > self.sizes[i]:
+                raise ValueError(f"shm region: part {i} of {nbytes} bytes exceeds its {self.sizes[i]} bytes")
+            # One (strided) copy straight into the slot, also for a non-contiguous part.
+            slot[self.offsets[i]:self.offsets[i] + nbytes].view(part.dtype).view(part.shape).copy_(part)
         self._published[self.rank] = self.count  # after the data: stores stay in order on x86-64
         return self.count
 
