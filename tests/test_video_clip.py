@@ -245,15 +245,22 @@ def _assembly_worker(rank, world, port, frames, local, n_global, errors):
 @pytest.mark.parametrize("frames,world,local,n_global", [(48, 2, 8, 12), (10, 4, 2, 4)])
 def test_dual_scope_keys_arrive_from_the_right_frames(frames, world, local, n_global):
     """Across real ranks, each rank's assembled keys|values are the full video's at its layout's frames."""
+    _run_ranks(_assembly_worker, world, frames, local, n_global, join_s=80)
+
+
+def _run_ranks(worker, world: int, *args, join_s: float) -> None:
+    """``worker(rank, world, port, *args, errors)`` on ``world`` spawned ranks; fails with a rank's traceback."""
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_assembly_worker, args=(r, world, port, frames, local, n_global, errors))
-             for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, *args, errors)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(80)
+        p.join(join_s)
+    for p in procs:
+        if p.is_alive():  # hung: do not leave it behind
+            p.terminate()
     assert errors.empty(), errors.get()
     assert all(p.exitcode == 0 for p in procs)
 
@@ -279,16 +286,7 @@ def _gather_worker(rank, world, port, errors):
 
 @pytest.mark.timeout(60)
 def test_engine_gather_to_one_rank():
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    world, port = 3, free_port()
-    procs = [ctx.Process(target=_gather_worker, args=(r, world, port, errors)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(50)
-    assert errors.empty(), errors.get()
-    assert all(p.exitcode == 0 for p in procs)
+    _run_ranks(_gather_worker, 3, join_s=50)
 
 
 # ------------------------------------------------------------------ bad input
