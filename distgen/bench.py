@@ -31,11 +31,10 @@ def step_seconds(result: dict, skip: int) -> dict:
 
 
 def _summarise(result: dict, skip: int) -> dict:
-    steps = [s for run in result["runs"] for s in run["step_seconds"][skip:]]
     sent = [b for run in result["runs"] for b in run["bytes_sent"][skip:]]
     recv = [b for run in result["runs"] for b in run["bytes_recv"][skip:]]
     wait = [w for run in result["runs"] for w in run["wait_seconds"][skip:]]
-    if not steps:
+    if not any(run["step_seconds"][skip:] for run in result["runs"]):
         raise ConfigError(f"--steps must exceed --warmup-steps ({skip}) to time steady-state steps")
     return {
         **step_seconds(result, skip),

@@ -61,9 +61,8 @@ def _variants(spec: str, headline: ClipConfig) -> list[tuple[str, ClipConfig]]:
 
 
 def _summarise(result: dict, skip: int, frames: int) -> dict:
-    steps = [s for run in result["runs"] for s in run["step_seconds"][skip:]]
     wait = [w for run in result["runs"] for w in run["wait_seconds"][skip:]]
-    if not steps:
+    if not any(run["step_seconds"][skip:] for run in result["runs"]):
         raise ConfigError(f"--steps must exceed the {skip} warmup denoiser calls to time steady-state steps")
     per_rank = result["per_rank"]
     total = result["runs"][-1]["total_seconds"]

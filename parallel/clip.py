@@ -79,6 +79,8 @@ class DualScopeLayout:
     extra: list[int]  # positions, among all global frames, of those outside this rank's window
     gather_globals: bool  # some rank needs another's global frames (the same on every rank)
     bias: torch.Tensor
+    # Where the extra frames are among the gathered ones: (owning rank, index into its part).
+    extra_sources: list[tuple[int, slice | list[int]]] = dataclasses.field(default_factory=list)
 
 
 def dual_scope_layout(starts: list[int], lengths: list[int], rank: int, local: int, global_indices: list[int],
@@ -111,7 +113,11 @@ def dual_scope_layout(starts: list[int], lengths: list[int], rank: int, local: i
     none = torch.tensor(float("-inf"), dtype=torch.float64, device=device)
     bias = torch.logaddexp(torch.where(local_scope, local_bias, none),
                            torch.where(global_scope, global_bias, none).expand_as(local_scope))
-    return DualScopeLayout(extra, any(outside(r) for r in range(world)), bias.to(dtype))
+    owner = [(r, sum(1 for h in global_indices if starts[r] <= h < g))
+             for g in global_indices for r in range(world) if starts[r] <= g < starts[r] + lengths[r]]
+    sources = [(r, _as_index([owner[p][1] for p in extra if owner[p][0] == r]))
+               for r in sorted({owner[p][0] for p in extra})]
+    return DualScopeLayout(extra, any(outside(r) for r in range(world)), bias.to(dtype), sources)
 
 
 class ClipState:
@@ -135,7 +141,6 @@ class ClipState:
         self.replaced: dict[str, int] = {}
         self._layout_key = None
         self._layout = None
-        self._extra_sources: list[tuple[int, slice | list[int]]] = []
 
     # ------------------------------------------------------------------ geometry
     def set_frames(self, frames: int) -> None:
@@ -303,7 +308,7 @@ class ClipState:
             mine = kv[:, _as_index(self.global_owned[self.rank])]
             sampled = self._gather_frames(f"{name}.global", mine, [len(o) for o in self.global_owned])
             if layout.extra:
-                extra = torch.cat([sampled[r][:, index] for r, index in self._extra_sources], dim=1)
+                extra = torch.cat([sampled[r][:, index] for r, index in layout.extra_sources], dim=1)
         from_prev, from_next = self.halo_end(f"{name}.local", begun)
         if from_prev is None and from_next is None and extra is None:
             return kv, layout.bias
@@ -327,11 +332,6 @@ class ClipState:
             self._layout_key = key
             self._layout = dual_scope_layout(self.starts, self.lengths, self.rank, self.config.local_frames,
                                            self.global_indices, emphasise_global, dtype, device)
-            # Where each extra global frame is among the gathered ones: (rank, index in its part).
-            owner = [(r, i) for r, owned in enumerate(self.global_owned) for i in range(len(owned))]
-            wanted = [owner[p] for p in self._layout.extra]
-            self._extra_sources = [(r, _as_index([i for rr, i in wanted if rr == r]))
-                                   for r in range(self.world) if any(rr == r for rr, _ in wanted)]
         return self._layout
 
     # ------------------------------------------------------------------ denoiser io
@@ -352,9 +352,10 @@ class ClipState:
 
 def _as_index(positions: list[int]):
     """A slice where ``positions`` are evenly spaced (a view, not a gather), else the list."""
-    if len(positions) == 1 or (len(positions) > 1 and positions[1] > positions[0] and
-                               all(b - a == positions[1] - positions[0] for a, b in zip(positions, positions[1:]))):
-        step = positions[1] - positions[0] if len(positions) > 1 else 1
+    if len(positions) < 2:
+        return slice(positions[0], positions[0] + 1) if positions else positions
+    step = positions[1] - positions[0]
+    if step > 0 and all(b - a == step for a, b in zip(positions, positions[1:])):
         return slice(positions[0], positions[-1] + 1, step)
     return positions
 
