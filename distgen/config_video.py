@@ -1,7 +1,7 @@
 """Configuration of the video workload: request, clip parallelism, job (validated at the edge).
 
 Checks that need the model (frames against clip ranks and position tables, window sizes
-against the video) live in :func:`distgen.models.video.validate_video`, which the CLI calls
+against the video) live in :func:`distgen.workloads.video.validate_video`, which the CLI calls
 before any worker starts.
 """
 

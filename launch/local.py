@@ -7,10 +7,12 @@ stops every other rank and its message is re-raised here, so nothing hangs.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -115,3 +117,94 @@ def spawn(job: Any, nproc: int, timeout_s: float | None = None, threads_per_rank
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+
+
+# --------------------------------------------------------------------------- resident groups
+
+
+def _resident_entry(rank: int, world_size: int, port: int, job: Any, commands, events) -> None:
+    os.environ.update(rank_environment(rank, world_size, "127.0.0.1", port))
+    try:
+        from distgen.runtime.resident import QueueChannel
+        from distgen.runtime.worker import run_worker
+
+        run_worker(job, QueueChannel(commands, events) if rank == 0 else None)
+    except BaseException as exc:  # report everything; the controller decides what to do
+        with contextlib.suppress(Exception):
+            events.put(("rank_error", rank, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        raise SystemExit(1)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``-9`` -> 'was killed by SIGKILL'; ``1`` -> 'exited with code 1'."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+class LocalGroup:
+    """A resident group of local processes (``--launcher spawn``): rank 0 reads the command queue
+    and every rank may report a failure on the event queue; the controller watches each process's
+    exit (its sentinel), so a killed rank is noticed at once, not after a collective times out."""
+
+    def __init__(self, job: Any, nproc: int, threads_per_rank: int | None = None):
+        self.job, self.nproc, self.threads_per_rank = job, nproc, threads_per_rank
+        ctx = mp.get_context("spawn")
+        self.commands, self.events = ctx.Queue(), ctx.Queue()
+        port = free_port()
+        saved_threads = os.environ.get("OMP_NUM_THREADS")
+        if threads_per_rank:
+            os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)
+        self.procs = [ctx.Process(target=_resident_entry, args=(r, nproc, port, job, self.commands, self.events),
+                                  daemon=True, name=f"distgen-rank{r}") for r in range(nproc)]
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            if saved_threads is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved_threads
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def send(self, command) -> None:
+        self.commands.put(command)
+
+    def recv(self, timeout: float):
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def dead(self) -> list[tuple[int, str]]:
+        """(rank, how it ended) for every rank that is no longer running."""
+        return [(rank, describe_exit(p.exitcode)) for rank, p in enumerate(self.procs) if p.exitcode is not None]
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the leader to stop, wait, then terminate whatever is left."""
+        if all(p.exitcode is None for p in self.procs):
+            with contextlib.suppress(Exception):
+                self.send(("stop",))
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.kill()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        for q in (self.commands, self.events):
+            q.cancel_join_thread()
+            q.close()

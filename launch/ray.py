@@ -177,6 +177,7 @@ class RankActor:
             "ip": ip,
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "port": free_port(ip) if with_port else None,
+            "pid": os.getpid(),
         }
 
     def run(self, job: Any, rank: int, world_size: int, master_addr: str, master_port: int,
@@ -324,3 +325,174 @@ def run_on_ray(job: Any, nproc: int, address: str | None = None, timeout_s: floa
                 remove_placement_group(pg)
         if started:
             ray.shutdown()
+
+
+# --------------------------------------------------------------------------- resident groups
+
+
+class ResidentRankActor(RankActor):
+    """One rank of a resident group. ``serve`` runs the rank's loop for the group's life (on the
+    actor's default thread); rank 0's channel is a pair of actor-local queues that the controller
+    fills and drains with ``push`` and ``pull``, each in its own concurrency group so that they
+    never wait behind the loop or each other, and commands keep their order."""
+
+    def __init__(self, env: dict[str, str] | None = None):
+        import queue as _queue
+
+        super().__init__(env)
+        self._commands: _queue.Queue = _queue.Queue()
+        self._events: _queue.Queue = _queue.Queue()
+
+    def serve(self, job: Any, rank: int, world_size: int, master_addr: str, master_port: int,
+              local_rank: int | None = None, local_world_size: int | None = None) -> None:
+        from distgen.runtime.resident import QueueChannel
+
+        self._channel = QueueChannel(self._commands, self._events) if rank == 0 else None
+        gpu_ids = ray.get_gpu_ids()
+        if len(gpu_ids) == 1:
+            local_rank = 0
+        os.environ.update(rank_environment(rank, world_size, master_addr, master_port, local_rank, local_world_size))
+        from distgen.runtime.worker import run_worker
+
+        run_worker(job, self._channel)
+
+    @ray.method(concurrency_group="push")
+    def push(self, command) -> None:
+        self._commands.put(command)
+
+    @ray.method(concurrency_group="pull")
+    def pull(self, timeout: float) -> list:
+        import queue as _queue
+
+        events = []
+        try:
+            events.append(self._events.get(timeout=timeout))
+            while True:
+                events.append(self._events.get_nowait())
+        except _queue.Empty:
+            pass
+        return events
+
+
+def placement_bundles(parallel, nproc: int) -> list[tuple[str, int]]:
+    """Placement groups for a plan, as (strategy, bundles), in rank order: each ``tp`` group (adjacent
+    ranks: tp is the innermost mesh axis) packed onto one node, since its all-reduces sit on every
+    layer's critical path; everything else (pp stages, cfg / dp replicas, patch ranks) may spread
+    over nodes by PACK."""
+    tp = parallel.degree("tp") if parallel is not None else 1
+    if tp > 1 and nproc % tp == 0:
+        return [("STRICT_PACK", tp)] * (nproc // tp)
+    return [("PACK", nproc)]
+
+
+class RayGroup:
+    """A resident group on Ray actors: the engine's interface (see :mod:`distgen.launch.groups`)."""
+
+    def __init__(self, job: Any, nproc: int, address: str | None = None, placement_timeout_s: float = 60.0,
+                 env: dict[str, str] | None = None):
+        self.started_ray = connect(address, num_cpus=max(nproc, os.cpu_count() or 1))
+        self.nproc = nproc
+        self.pgs, self.actors, self.refs = [], [], []
+        self._buffer: list = []
+        self._pull = None
+        self.where: list[dict] = []
+        try:
+            self._start(job, nproc, placement_timeout_s, env)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _start(self, job, nproc, placement_timeout_s, env) -> None:
+        total = ray.cluster_resources()
+        use_gpu = total.get("GPU", 0) >= nproc
+        kind = "GPU" if use_gpu else "CPU"
+        slots = []  # (placement group, bundle index) per rank
+        for strategy, size in placement_bundles(getattr(job, "parallel", None), nproc):
+            pg = placement_group([{kind: 1} for _ in range(size)], strategy=strategy)
+            self.pgs.append(pg)
+            slots.extend((pg, i) for i in range(size))
+        for pg in self.pgs:
+            if not pg.wait(timeout_seconds=placement_timeout_s):
+                available = ray.available_resources()
+                raise WorkerError(
+                    f"could not place {nproc} ranks within {placement_timeout_s:.0f} s as "
+                    f"{placement_bundles(getattr(job, 'parallel', None), nproc)} (strategy, ranks) groups: the "
+                    f"cluster has {available.get(kind, 0):g} {kind}s available of {total.get(kind, 0):g}")
+        remote = ray.remote(concurrency_groups={"push": 1, "pull": 1})(ResidentRankActor)
+        for pg, index in slots:
+            self.actors.append(remote.options(
+                num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_restarts=0, max_concurrency=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                     placement_group_bundle_index=index),
+            ).remote(env))
+        where = _gather([a.describe.remote(rank == 0) for rank, a in enumerate(self.actors)], None,
+                        "starting the actors", None)
+        self.where = where
+        master_addr, master_port = where[0]["ip"], where[0]["port"]
+        node_size: dict[str, int] = {}
+        local_ranks = []
+        for info in where:
+            local_ranks.append(node_size.get(info["node_id"], 0))
+            node_size[info["node_id"]] = local_ranks[-1] + 1
+        self.refs = [actor.serve.remote(job, rank, nproc, master_addr, master_port, local_ranks[rank],
+                                        node_size[where[rank]["node_id"]])
+                     for rank, actor in enumerate(self.actors)]
+
+    @property
+    def pids(self) -> list:
+        return [info["pid"] for info in self.where]
+
+    def send(self, command) -> None:
+        self.actors[0].push.remote(command)
+
+    def recv(self, timeout: float):
+        if self._buffer:
+            return self._buffer.pop(0)
+        if self._pull is None:
+            self._pull = self.actors[0].pull.remote(0.5)
+        ready, _ = ray.wait([self._pull], timeout=timeout)
+        if not ready:
+            return None
+        ref, self._pull = self._pull, None
+        try:
+            self._buffer.extend(ray.get(ref))
+        except Exception:  # noqa: BLE001 - rank 0's actor died: dead() says so
+            return None
+        return self._buffer.pop(0) if self._buffer else None
+
+    def dead(self) -> list[tuple[int, str]]:
+        if not self.refs:
+            return []
+        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        out = []
+        for ref in ready:
+            rank = self.refs.index(ref)
+            try:
+                ray.get(ref)
+                out.append((rank, "stopped"))
+            except Exception as exc:  # noqa: BLE001
+                text, _ = _unwrap(exc)
+                out.append((rank, text if text.startswith("its Ray actor died") else f"failed: {text}"))
+        return sorted(out)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.actors:
+            with contextlib.suppress(Exception):
+                self.send(("stop",))
+                ray.wait(self.refs, num_returns=len(self.refs), timeout=timeout_s)
+        self.kill()
+        if self.started_ray:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            self.started_ray = False
+
+    def kill(self) -> None:
+        """Remove the actors and placement groups; a Ray this group started stays up (a rebuilt
+        group reuses it) until :meth:`stop`."""
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        for pg in self.pgs:
+            with contextlib.suppress(Exception):
+                remove_placement_group(pg)
+        self.actors, self.pgs, self.refs = [], [], []

@@ -170,7 +170,7 @@ def test_ladder_matches_single_rank_ladder(checkpoints, parallel, ladder_layers)
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from distgen.cli_text import encode_prompts
+    from distgen.workloads.text import encode_prompts
     from distgen.models import smollm2
     from distgen.models.checkpoint import load_tokenizer
 

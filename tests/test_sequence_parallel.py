@@ -273,7 +273,8 @@ def test_ulysses_heads_not_divisible(capsys, pipelines):
     err = _error(capsys, argv + ["--parallel", "sp=4", "--sp-mode", "ulysses"])
     assert "2 attention heads" in err and "valid ulysses degrees for 2 heads: 2" in err and "ring" in err
     # The same degree is fine with ring: validation passes (the job is not launched here).
-    from distgen.cli import build_parser, prepare_image_job
+    from distgen.cli import build_parser
+    from distgen.workloads.image import prepare_image_job
 
     args = build_parser().parse_args(argv + ["--parallel", "sp=4", "--sp-mode", "ring"])
     job, nproc = prepare_image_job(args)

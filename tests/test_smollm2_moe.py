@@ -29,7 +29,7 @@ SMALL = dict(prompts=4, new_tokens=16, router_steps=50, kmeans_iters=4, greedy_t
 
 
 def _chat_request(directory, question="What is the capital of France?", new_tokens=6):
-    from distgen.cli_text import encode_prompts
+    from distgen.workloads.text import encode_prompts
     from distgen.models.checkpoint import load_tokenizer
 
     ids = encode_prompts(load_tokenizer(directory), [question], "on", None)[0]
@@ -92,7 +92,7 @@ def test_derived_checkpoint_is_qwen2_moe_and_matches_transformers(derived):
 def test_cli_model_name_resolves_to_the_derived_model(derived, monkeypatch, capsys):
     import distgen.models.smollm2_moe as smollm2_moe
     from distgen.cli import main
-    from distgen.cli_text import resolve_model
+    from distgen.workloads.text import resolve_model
 
     directory, _ = derived
     monkeypatch.setattr(smollm2_moe, "smollm2_moe_dir", lambda settings=None: directory)

@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import psnr
-from distgen.bench import step_seconds
-from distgen.bench_video import boundary_consistency
+from distgen.bench.image import step_seconds
+from distgen.bench.video import boundary_consistency
 from distgen.cli import main
 from distgen.comm import CommStats, ExchangeEngine
 from distgen.config import ParallelConfig

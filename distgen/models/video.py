@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distgen.config import ConfigError, ParallelConfig
-from distgen.config_video import ClipConfig, VideoRequest
+from distgen.config import ConfigError
+from distgen.config_video import VideoRequest
 from distgen.models.diffusion import _read_json, read_denoiser_entry
-from distgen.parallel.clip import clip_lengths
 
 # Denoiser class -> family.
 VIDEO_DENOISERS = {
@@ -99,71 +98,6 @@ def inspect_video_pipeline(path: str | Path) -> VideoPipelineInfo:
         patch_size=patch,
         default_size=default,
     )
-
-
-def validate_video(
-    info: VideoPipelineInfo, request: VideoRequest, parallel: ParallelConfig, clip: ClipConfig, sp_mode: str
-) -> ClipConfig:
-    """Everything about geometry, frames and windows a user can get wrong; returns the resolved clip config."""
-    for name in ("height", "width"):
-        value = getattr(request, name)
-        if value % info.size_multiple:
-            raise ConfigError(
-                f"--{name} {value} must be a multiple of {info.size_multiple} for this model "
-                f"(VAE factor {info.vae_scale_spatial} x denoiser factor {info.size_multiple // info.vae_scale_spatial})"
-            )
-    if info.vae_scale_temporal > 1 and (request.frames - 1) % info.vae_scale_temporal:
-        k = info.vae_scale_temporal
-        lower = (request.frames - 1) // k * k + 1
-        raise ConfigError(
-            f"--frames {request.frames}: this model's VAE packs {k} frames per latent frame after the first, so "
-            f"frames must be {k}*n+1 (e.g. {lower} or {lower + k})"
-        )
-    latent_frames = info.latent_frames(request.frames)
-    if parallel.degree("cfg") > 1 and info.family == "wan":
-        raise ConfigError(
-            f"--parallel cfg={parallel.degree('cfg')}: {info.pipeline_class} runs the conditional and unconditional "
-            "passes as separate denoiser calls, so there is no guidance batch to split; use sp for Wan"
-        )
-    clip_degree = parallel.degree("clip")
-    if clip_degree > 1:
-        if info.denoiser_class not in CLIP_DENOISERS:
-            raise ConfigError(
-                f"--parallel clip={clip_degree}: clip parallelism gives context to temporal UNet modules and supports "
-                f"{', '.join(CLIP_DENOISERS)}; this model's denoiser is {info.denoiser_class} (no temporal UNet "
-                "modules), use --parallel sp=N for video DiTs"
-            )
-        if latent_frames < clip_degree:
-            raise ConfigError(
-                f"--frames {request.frames} is fewer than the {clip_degree} clip ranks (--parallel clip={clip_degree}); "
-                f"use at least {clip_degree} frames or fewer clip ranks"
-            )
-    limit = info.max_frame_positions
-    if limit is not None:
-        if (clip_degree == 1 or clip.mode == "exact") and latent_frames > limit:
-            where = "in exact clip mode every frame keeps its global position" if clip_degree > 1 else "on one clip"
-            raise ConfigError(
-                f"--frames {request.frames} exceeds this model's frame position table ({limit} positions; "
-                f"{where}); use at most {limit} frames, or --parallel clip=N with --clip-mode dual-scope or naive "
-                f"and clips of at most {limit} frames"
-            )
-        longest = clip_lengths(latent_frames, clip_degree)[0]
-        if longest > limit:
-            raise ConfigError(
-                f"--frames {request.frames} over clip={clip_degree} gives clips of {longest} frames, beyond this "
-                f"model's frame position table ({limit}); use at least {-(-latent_frames // limit)} clip ranks"
-            )
-    if parallel.degree("sp") > 1:
-        from distgen.parallel import sequence
-
-        tokens = None
-        if info.patch_size is not None:
-            p = info.patch_size
-            tokens = (latent_frames // p[0]) * (request.height // info.vae_scale_spatial // p[1]) * (
-                request.width // info.vae_scale_spatial // p[2]
-            )
-        sequence.validate(info.denoiser_class, info.num_heads, parallel.degree("sp"), sp_mode, tokens)
-    return clip.resolved(latent_frames, clip_degree)
 
 
 def pipeline_kwargs(request: VideoRequest, generator: torch.Generator) -> dict:

@@ -91,15 +91,25 @@ class DiffusionRunner:
 
     @torch.no_grad()
     def generate(self, request: ImageRequest, decode: bool) -> ImageResult:
+        return self.generate_batch([request], decode)
+
+    @torch.no_grad()
+    def generate_batch(self, requests: list[ImageRequest], decode: bool) -> ImageResult:
+        """One pipeline call for requests of the same size, steps, guidance and negative prompt
+        (the resident group's batches); each row draws its initial noise from its own seed, so a
+        row equals that request run alone."""
         self.stats.reset()
         self.steps.seconds = []
         if self.patch_state is not None:
             self.patch_state.new_request()
-        generator = torch.Generator(device="cpu").manual_seed(request.seed)
-        output = self.pipe(**adapter.pipeline_kwargs(self.pipe, request, generator))
+        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
+        kwargs = adapter.pipeline_kwargs(self.pipe, requests[0], generators[0] if len(requests) == 1 else generators)
+        if len(requests) > 1:
+            kwargs["prompt"] = [r.prompt for r in requests]
+            kwargs["negative_prompt"] = [r.negative_prompt for r in requests]
+        output = self.pipe(**kwargs)
         latents = output.images
-        if self.patch_state is not None:
-            self.patch_state.engine.drain()
+        self.drain()
         result = ImageResult(
             latents=latents.float().cpu(),
             step_seconds=list(self.steps.seconds),
@@ -110,3 +120,9 @@ class DiffusionRunner:
         if decode:
             result.images = adapter.decode_latents(self.pipe, latents)
         return result
+
+    def drain(self) -> None:
+        """Finish every exchange still in flight (after a request, or one that was cancelled)."""
+        for state in (self.patch_state, self.sp_state):
+            if state is not None and hasattr(state, "engine"):
+                state.engine.drain()

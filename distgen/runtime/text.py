@@ -309,8 +309,13 @@ class TextGenerator:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def generate(self, request: TextRequest, row_offset: int = 0) -> TextResult:
-        """``row_offset``: index of the first sequence in the whole batch (dp shards), for sampling seeds."""
+    def generate(self, request: TextRequest, row_offset: int = 0, step_hook=None) -> TextResult:
+        """``row_offset``: index of the first sequence in the whole batch (dp shards), for sampling seeds.
+        ``step_hook(step, generated)``: called on every rank after the prefill (step 0) and after each
+        decoding step with the tokens so far; it must behave the same on every rank (the resident
+        group's leader broadcasts its decisions); returning True stops generation: at once on one
+        stage, after the micro-batches already in flight with pipeline stages (no receive is left
+        posted)."""
         model, schedule, device = self.model, self.schedule, self.device
         batch = request.batch_size
         if batch == 0:
@@ -408,10 +413,23 @@ class TextGenerator:
         self._sync()
         result.prefill_seconds = time.perf_counter() - started
         record_step(batch)
+
+        def stop_requested(hook_index: int) -> bool:
+            """Ask the hook; with pipeline stages, finish the runs in flight: the latest run any stage
+            has learned is ``hook_index``, so no stage posts a receive past run hook_index + 1."""
+            nonlocal new
+            if step_hook is None or not step_hook(hook_index, generated):
+                return False
+            if self.pp == 1:
+                return True
+            new = min(new, hook_index + 2)
+            return False
+
+        stopped = stop_requested(0)
         # Decode: iteration `step` takes each micro-batch's tokens of run `step` and starts run step+1.
         started = time.perf_counter()
-        active = list(range(micro))
-        for step in range(new):
+        active = [] if stopped else list(range(micro))
+        for step in range(0 if stopped else new):
             advanced = 0
             if self.lockstep:  # pp = 1, one micro-batch: all ranks agree first whether anyone decodes
                 going = []
@@ -442,6 +460,8 @@ class TextGenerator:
                     advanced += stop - start
             if advanced:
                 record_step(advanced)
+            if stop_requested(step + 1):
+                break
             if not active and not self.lockstep:
                 break
             interval = self.job.rebalance_interval

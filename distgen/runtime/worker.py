@@ -34,8 +34,12 @@ def quiet_libraries() -> None:
             logging.disable_progress_bar()
 
 
-def run_worker(job: Any) -> dict | None:
-    """Run ``job`` as this process's rank; rank 0 returns a picklable result dict."""
+def run_worker(job: Any, channel=None) -> dict | None:
+    """Run ``job`` as this process's rank; rank 0 returns a picklable result dict.
+
+    ``channel``: rank 0's link to a controller, for resident jobs
+    (:class:`distgen.runtime.resident.ResidentJob`); their entry is called as fn(job, ctx, channel).
+    """
     quiet_libraries()
     entry = getattr(type(job), "entry", None)
     if not isinstance(entry, str) or ":" not in entry:
@@ -48,7 +52,7 @@ def run_worker(job: Any) -> dict | None:
         if fault is not None and int(fault) == ctx.rank:
             # Test hook: one rank fails while the others go on into collectives.
             raise RuntimeError(f"injected fault on rank {ctx.rank}")
-        return run(job, ctx)
+        return run(job, ctx) if channel is None else run(job, ctx, channel)
     finally:
         shutdown_worker()
 

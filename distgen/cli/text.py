@@ -1,9 +1,6 @@
-"""``distgen generate text`` and ``distgen bench text``.
+"""``distgen generate text``, ``distgen bench text`` and ``distgen bench moe``.
 
-Everything a user can get wrong is checked here, before any worker starts: the checkpoint
-(files present and readable, a supported architecture), tp against heads / KV heads / MLP
-columns, pp against the layer count, --ladder-layers against the layer count, the prompt
-against the model's context.
+The options are checked by :mod:`distgen.workloads.text` before any worker starts.
 """
 
 from __future__ import annotations
@@ -12,13 +9,8 @@ import argparse
 import os
 import sys
 
-from distgen.config import DTYPES, ConfigError, ParallelConfig
-
-LADDER_CAVEAT = (
-    "Ladder Residual is a different function from the standard residual: converting the upper {k} layer(s) of a "
-    "checkpoint trained with the standard wiring is a speed study only; the output quality needs a checkpoint "
-    "trained (or retrained) with ladder_layers={k}."
-)
+from distgen.cli.common import add_launch_arguments, print_json
+from distgen.config import DTYPES
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +27,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batches", type=int, default=None,
                         help="pipeline micro-batches (default: pp, at most the batch size)")
     parser.add_argument("--dtype", default="fp32", help=f"{', '.join(DTYPES)}")
-    from distgen.cli import add_launch_arguments
-
     add_launch_arguments(parser)
 
 
@@ -90,8 +80,6 @@ def register(generate_kinds, bench_kinds) -> None:
     moe.add_argument("--link-gbps", type=float, default=100.0, help="projection: link bandwidth, Gbit/s per rank")
     moe.add_argument("--link-latency-us", type=float, default=10.0, help="projection: per-message latency")
     moe.add_argument("--dtype", default="fp32", help=f"{', '.join(DTYPES)}")
-    from distgen.cli import add_launch_arguments
-
     add_launch_arguments(moe)
     moe.add_argument("--threads-per-rank", type=int, default=1)
     moe.add_argument("--no-baseline", action="store_true", help="skip the single-rank run (needs --routing)")
@@ -120,138 +108,32 @@ def add_moe_arguments(parser: argparse.ArgumentParser) -> None:
     moe.add_argument("--time-limit", type=float, default=10.0, help="tuner: solver time limit in seconds")
 
 
-def resolve_placement(args, config, parallel: ParallelConfig) -> dict:
-    """--placement / --routing / --redundant-experts -> TextJob fields (checked before launch)."""
-    from distgen.parallel.expert import moe_layers
-
-    fields = {"redundant_experts": args.redundant_experts, "nodes": args.nodes,
-              "rebalance_interval": args.rebalance_interval, "rebalance_window": args.rebalance_window,
-              "record_routing": args.record_routing}
-    placement = args.placement or ("eplb" if args.redundant_experts or args.routing else None)
-    if config.moe is None or placement is None:
-        if config.moe is None and args.routing:
-            raise ConfigError(f"--routing {args.routing}: the model is dense ({config.architecture}); routing traces "
-                              f"belong to MoE checkpoints")
-        if args.placement is not None:
-            fields["placement_policy"] = args.placement  # check_job names the dense model
-            fields["placement"] = {}
-        return fields
-    from distgen.placement.policies import POLICIES, Placement, compute
-    from distgen.placement.routing import RoutingTrace
-
-    ep = parallel.degree("ep")
-    layers = moe_layers(config)
-    if ep == 1:
-        raise ConfigError(f"--placement {placement}: placing experts needs expert parallelism (--parallel ep=N, N > 1)")
-    trace = None
-    if args.routing:
-        trace = RoutingTrace.load(args.routing)
-        trace.check_for(config.moe.num_experts, layers, args.routing)
-    if placement in POLICIES:
-        result = compute(placement, trace, config.moe.num_experts, layers, ep, nodes=args.nodes,
-                         redundant=args.redundant_experts, time_limit_s=args.time_limit)
-        if result.note:
-            print(f"distgen: note: {result.note}", file=sys.stderr)
-    elif placement.endswith(".json") or os.path.exists(placement):
-        result = Placement.load(placement)
-        result.check_for(config.moe.num_experts, layers, ep, placement)
-        slots = len(next(iter(result.layers.values()))[0]) * ep
-        fields["redundant_experts"] = slots - config.moe.num_experts
-    else:
-        raise ConfigError(f"--placement: unknown policy {placement!r}; allowed: {', '.join(POLICIES)}, "
-                          f"or a placement .json file")
-    return fields | {"placement": {int(k): v for k, v in result.layers.items()}, "placement_policy": result.policy}
-
-
-def default_model_dir() -> str:
-    from distgen.models import smollm2
-
-    return str(smollm2.model_dir())
-
-
-def resolve_model(model: str | None) -> str:
-    """--model: a checkpoint directory, the embedded MoE's name, or None (the embedded SmolLM2)."""
-    from distgen.models.smollm2_moe import CLI_NAME, smollm2_moe_dir
-
-    if model == CLI_NAME and not os.path.isdir(model):
-        return str(smollm2_moe_dir())
-    return model or default_model_dir()
-
-
-def encode_prompts(tokenizer, prompts: list[str], chat: str, system: str | None) -> list[list[int]]:
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if chat == "on" and not has_template:
-        raise ConfigError("--chat on: this checkpoint's tokenizer has no chat template; use --chat off")
-    encoded = []
-    for prompt in prompts:
-        if chat == "on" or (chat == "auto" and has_template):
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(prompt)["input_ids"]
-        encoded.append(list(ids))
-    return encoded
-
-
-def prepare_text_job(args):
-    """Validate and tokenize; returns (job, nproc, tokenizer, checkpoint)."""
-    from distgen.models.checkpoint import load_tokenizer, open_checkpoint
-    from distgen.runtime.text import TextJob, TextRequest, check_job
-
-    from distgen.cli import resolve_nproc
-
-    parallel = ParallelConfig.parse(args.parallel)
-    nproc = resolve_nproc(args, parallel)
-    model = resolve_model(args.model)
-    checkpoint = open_checkpoint(model)
-    tokenizer = load_tokenizer(checkpoint.directory)
-    prompts = args.prompt or ["Explain tensor parallelism in one sentence."]
-    if any(not p for p in prompts):
-        raise ConfigError("--prompt must not be empty")
-    prompt_ids = encode_prompts(tokenizer, prompts, args.chat, args.system)
-    eos = set(checkpoint.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        eos.add(int(tokenizer.eos_token_id))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
-    request = TextRequest(
-        prompt_ids=tuple(tuple(p) for p in prompt_ids),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        eos_token_ids=() if args.ignore_eos else tuple(sorted(eos)),
-        pad_token_id=int(pad),
-    )
-    moe = resolve_placement(args, checkpoint.config, parallel) if hasattr(args, "placement") else {}
-    job = TextJob(requests=(request,), parallel=parallel, model=checkpoint.directory, dtype=args.dtype,
-                  ladder_layers=args.ladder_layers, micro_batches=args.micro_batches, comm_timeout_s=args.comm_timeout,
-                  **moe)
-    check_job(job, checkpoint, nproc)
-    return job, nproc, tokenizer, checkpoint
-
-
-def ladder_note(job, checkpoint) -> str | None:
-    k = job.ladder_layers
-    if k is not None and k > checkpoint.config.ladder_layers:
-        return LADDER_CAVEAT.format(k=k)
-    return None
-
-
 def generate_text(args) -> int:
-    from distgen.cli import launch
+    from distgen.launch import run_job
+    from distgen.launch.local import in_torchrun
+    from distgen.workloads.text import ladder_note, prepare_text_job
 
     job, nproc, tokenizer, checkpoint = prepare_text_job(args)
     note = ladder_note(job, checkpoint)
-    from distgen.launch.local import in_torchrun
 
     rank0 = not in_torchrun() or os.environ.get("RANK", "0") == "0"
     if note and rank0:
         print(f"distgen: note: {note}", file=sys.stderr)
-    result = launch(job, nproc, args.launcher, args.timeout, args.ray_address)
-    if result is None:
-        return 0
-    run = result["results"][0]
+    if job.parallel.degree("dp") > 1 or job.record_routing:
+        # dp shards one batch over ranks and routing records are written at the end of a job:
+        # both run as a one-off job, not on a resident group
+        result = run_job(job, nproc, args.launcher, args.timeout, args.ray_address)
+        if result is None:
+            return 0
+        run = result["results"][0] | result["config"]
+    else:
+        from distgen.engine import run_once
+        from distgen.runtime.resident import ResidentJob
+
+        run = run_once(ResidentJob("text", job.replace(requests=())), nproc, args.launcher, "text", job.requests[0],
+                       ray_address=args.ray_address, timeout_s=args.timeout)
+        if run is None:
+            return 0
     for i, ids in enumerate(run["tokens"]):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if len(run["tokens"]) > 1:
@@ -261,7 +143,7 @@ def generate_text(args) -> int:
     decode_steps = max(1, len(run["step_tokens"]) - 1)
     print(f"distgen: {new_tokens} new tokens, prefill {run['prefill_seconds']:.2f} s, decode "
           f"{run['decode_seconds']:.2f} s ({run['decode_seconds'] / decode_steps * 1000:.1f} ms/step); parallel "
-          f"{job.parallel}, ladder layers {result['config']['ladder_layers']}/{result['config']['num_layers']}, "
+          f"{job.parallel}, ladder layers {run['ladder_layers']}/{run['num_layers']}, "
           f"model {checkpoint.directory}", file=sys.stderr)
     if job.parallel.degree("ep") > 1:
         moved = sum(r["experts_moved_all_ranks"] for r in run["rebalances"])
@@ -274,16 +156,14 @@ def generate_text(args) -> int:
 
 
 def bench_text(args) -> int:
-    from distgen.bench_text import bench_text as run_bench
-    from distgen.cli import print_json
+    from distgen.bench.text import bench_text as run_bench
 
     print_json(run_bench(args))
     return 0
 
 
 def bench_moe(args) -> int:
-    from distgen.bench_moe import bench_moe as run_bench
-    from distgen.cli import print_json
+    from distgen.bench.moe import bench_moe as run_bench
 
     print_json(run_bench(args))
     return 0

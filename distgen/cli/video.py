@@ -1,16 +1,13 @@
-"""``distgen generate video`` and ``distgen bench video`` (registered through ``WORKLOAD_COMMANDS``).
-
-Everything is validated here, before any worker starts: axes, degrees, modes, the model
-directory, sizes and frames against the VAE, the denoiser, the clip ranks and the frame
-position table, and the attention windows against the video.
-"""
+"""``distgen generate video`` and ``distgen bench video`` (checked by :mod:`distgen.workloads.video`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from distgen.config import SP_MODES, ConfigError, ParallelConfig
-from distgen.config_video import CLIP_MODES, VIDEO_AXES, ClipConfig, VideoJob, VideoRequest
+from distgen.cli.common import StepProgress, add_launch_arguments, print_json
+from distgen.config import SP_MODES
+from distgen.config_video import CLIP_MODES, VIDEO_AXES
 
 
 def _add_video_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> None:
@@ -37,8 +34,6 @@ def _add_video_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> Non
     parser.add_argument("--scope-switch-t", type=float, default=800.0, help="dual-scope: global emphasis for t >= this, local below")
     parser.add_argument("--sp-mode", default="ulysses", help=f"sequence parallelism (video DiTs): {', '.join(SP_MODES)}")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
-    from distgen.cli import add_launch_arguments
-
     add_launch_arguments(parser, timeout_s=3600.0)
 
 
@@ -63,61 +58,23 @@ def register(generate_kinds, bench_kinds) -> None:
     bench.set_defaults(handler=_bench_video)
 
 
-def resolve_model(args) -> tuple[str, tuple[int, int, int] | None]:
-    """The model directory and, for an embedded preset, its default (frames, height, width)."""
-    if args.model is not None:
-        return args.model, None
-    from distgen.models.tiny_video import VIDEO_PRESETS, video_preset_dir
-
-    if args.preset not in VIDEO_PRESETS:
-        raise ConfigError(f"--preset: unknown video preset {args.preset!r}; allowed: {', '.join(VIDEO_PRESETS)}")
-    return str(video_preset_dir(args.preset)), VIDEO_PRESETS[args.preset][2]
-
-
-def prepare_video_job(args, clip: ClipConfig | None = None, model_dir: str | None = None) -> tuple[VideoJob, int]:
-    """Validate everything a user can get wrong; returns the job and the number of ranks."""
-    from distgen.cli import resolve_nproc
-    from distgen.models import video as adapter
-
-    parallel = ParallelConfig.parse(args.parallel)
-    nproc = resolve_nproc(args, parallel)
-    parallel.validate(nproc, VIDEO_AXES)
-    if clip is None:
-        clip = ClipConfig(
-            mode=args.clip_mode, stale_context=args.stale_context, warmup_steps=args.warmup_steps,
-            local_frames=args.local_frames, global_frames=args.global_frames, scope_switch_t=args.scope_switch_t,
-        )
-    clip.validate()
-    resolved_dir, preset_size = resolve_model(args)
-    model_dir = model_dir or resolved_dir
-    info = adapter.inspect_video_pipeline(model_dir)
-    frames, height, width = preset_size or info.default_size
-    request = VideoRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        frames=args.frames or frames,
-        height=args.height or height,
-        width=args.width or width,
-        steps=args.steps or 20,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        fps=args.fps,
-    )
-    job = VideoJob(request=request, parallel=parallel, clip=clip, sp_mode=args.sp_mode, model=model_dir,
-                   dtype=args.dtype, comm_timeout_s=args.comm_timeout, out=getattr(args, "out", None))
-    job.validate()
-    resolved = adapter.validate_video(info, request, parallel, clip, job.sp_mode)
-    return job.replace(clip=resolved), nproc
-
-
 def _generate_video(args) -> int:
-    from distgen.cli import launch
+    from distgen.engine import run_once
+    from distgen.runtime.resident import ResidentJob
+    from distgen.workloads.video import prepare_video_job
 
     job, nproc = prepare_video_job(args)
-    job = job.replace(progress=not args.no_progress)
-    result = launch(job, nproc, args.launcher, args.timeout, args.ray_address)
+    job = job.replace(progress=False)
+    out = os.path.abspath(job.out) + ("/" if job.out.endswith("/") else "")  # rank 0 writes it, wherever it runs
+    progress = StepProgress("denoising", enabled=not args.no_progress)
+    try:
+        result = run_once(ResidentJob("video", job), nproc, args.launcher, "video", job.request, options={"out": out},
+                          ray_address=args.ray_address, timeout_s=args.timeout, on_event=progress)
+    finally:
+        progress.close()
     if result is not None:
-        steps = result["runs"][-1]["step_seconds"]
+        result["out"] = job.out
+        steps = result["step_seconds"]
         r = job.request
         mode = ""
         if job.parallel.degree("clip") > 1:
@@ -130,8 +87,7 @@ def _generate_video(args) -> int:
 
 
 def _bench_video(args) -> int:
-    from distgen.bench_video import bench_video
-    from distgen.cli import print_json
+    from distgen.bench.video import bench_video
 
     print_json(bench_video(args))
     return 0

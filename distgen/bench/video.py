@@ -21,7 +21,7 @@ import statistics
 
 import numpy as np
 
-from distgen.bench import step_seconds
+from distgen.bench.image import step_seconds
 from distgen.config import ConfigError
 from distgen.config_video import CLIP_MODES, ClipConfig
 
@@ -79,8 +79,8 @@ def _summarise(result: dict, skip: int, frames: int) -> dict:
 
 
 def bench_video(args) -> dict:
-    from distgen.cli import launch
-    from distgen.cli_video import prepare_video_job, resolve_model
+    from distgen.launch import run_job as launch
+    from distgen.workloads.video import prepare_video_job, resolve_model
 
     model_dir, _ = resolve_model(args)
     args.steps = args.steps or 8

@@ -43,7 +43,7 @@ PROMPTS = (
 
 
 def _requests(tokenizer, batch: int, new_tokens: int, repeats: int):
-    from distgen.cli_text import encode_prompts
+    from distgen.workloads.text import encode_prompts
     from distgen.runtime.text import TextRequest
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
@@ -98,18 +98,18 @@ def project(policy_layers: dict, trace, ranks: int, tokens_per_step: int, hidden
 
 
 def bench_moe(args) -> dict:
-    from distgen.cli import launch
-    from distgen.cli import resolve_nproc
-    from distgen.cli_text import resolve_model
+    from distgen.launch import run_job as launch
+    from distgen.workloads import resolve_nproc
+    from distgen.workloads.text import resolve_model
     from distgen.models.checkpoint import DTYPES as TORCH_DTYPES
     from distgen.models.checkpoint import load_tokenizer, open_checkpoint
     from distgen.parallel.expert import moe_layers
     from distgen.placement.metrics import summary
     from distgen.placement.policies import POLICIES, compute
     from distgen.placement.routing import RoutingTrace
-    from distgen.runtime.text import TextJob, check_job
+    from distgen.runtime.text import TEXT_AXES, TextJob, check_job
 
-    parallel = ParallelConfig.parse(args.parallel)
+    parallel = ParallelConfig.parse(args.parallel, TEXT_AXES, "text")
     nproc = resolve_nproc(args, parallel)
     ep = parallel.degree("ep")
     if ep < 2:
@@ -155,6 +155,8 @@ def bench_moe(args) -> dict:
                 "ep_wait_seconds_per_decode_step": statistics.median(per_step(r, "ep_wait_seconds") for r in measured),
                 "tokens": measured[-1]["tokens"]}
 
+    if args.routing:  # a user's trace is checked before any launch
+        RoutingTrace.load(args.routing).check_for(experts, layers, f"--routing {args.routing}")
     with tempfile.TemporaryDirectory() as tmp:
         trace_path = args.routing or os.path.join(tmp, "routing.npz")
         baseline = None
@@ -165,7 +167,7 @@ def bench_moe(args) -> dict:
             result = launch(single, 1, "spawn", args.timeout, threads_per_rank=args.threads_per_rank)
             baseline = summarise(result["results"]) | {"wall_seconds": time.perf_counter() - started}
         trace = RoutingTrace.load(trace_path)
-        trace.check_for(experts, layers, trace_path)
+        trace.check_for(experts, layers, f"--routing {args.routing}" if args.routing else "the recorded routing")
     report["routing"] = {"source": args.routing or "recorded by the single-rank baseline on the same requests",
                          "tokens": int(trace.tokens)}
     placements = []
@@ -215,7 +217,7 @@ def bench_moe(args) -> dict:
             k: v for k, v in summary(placement, trace).items() if not isinstance(v, (list, dict))}
     report["projection"] = projection
     if args.peer == "deepspeed":
-        from distgen.bench_moe_peer import bench_peer
+        from distgen.bench.moe_peer import bench_peer
 
         report["peer"] = bench_peer(args, config, nproc)
     return report

@@ -47,7 +47,7 @@ def _moe_shape(args) -> tuple[int, tuple[int, ...], int, str]:
     if args.model is not None:
         from distgen.models.checkpoint import open_checkpoint
 
-        from distgen.cli_text import resolve_model
+        from distgen.workloads.text import resolve_model
 
         config = open_checkpoint(resolve_model(args.model)).config
         if config.moe is None:
@@ -66,7 +66,7 @@ def _moe_shape(args) -> tuple[int, tuple[int, ...], int, str]:
 
 
 def _place(args) -> int:
-    from distgen.cli import print_json
+    from distgen.cli.common import print_json
     from distgen.config import ConfigError
     from distgen.placement import metrics
     from distgen.placement.policies import POLICIES, compute, validate
@@ -87,11 +87,11 @@ def _place(args) -> int:
     experts, moe_layers, top_k, model = _moe_shape(args)
     for policy in policies:  # every bad parameter before any solve
         validate(policy, experts, moe_layers, args.ranks, args.nodes, args.redundant_experts, True, args.time_limit,
-                 args.groups)
+                 args.groups, ranks_flag=f"--ranks {args.ranks}")
 
     if args.routing:
         trace = RoutingTrace.load(args.routing)
-        trace.check_for(experts, moe_layers, args.routing)
+        trace.check_for(experts, moe_layers, f"--routing {args.routing}")
         routing = {"source": args.routing}
     else:
         trace = synthetic(len(moe_layers), experts, top_k, args.tokens, zipf_s=args.zipf,
@@ -106,7 +106,8 @@ def _place(args) -> int:
     results = {}
     for policy in policies:
         placement = compute(policy, trace, experts, moe_layers, args.ranks, args.nodes, args.redundant_experts,
-                            args.time_limit, source=args.routing or "synthetic", groups=args.groups)
+                            args.time_limit, source=f"--routing {args.routing}" if args.routing else "synthetic",
+                            groups=args.groups, ranks_flag=f"--ranks {args.ranks}")
         results[policy] = metrics.summary(placement, trace)
         if args.out:
             placement.save(args.out)

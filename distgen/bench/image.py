@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from distgen.config import ConfigError, PATCH_MODES, SP_MODES, ParallelConfig
+from distgen.config import IMAGE_AXES, PATCH_MODES, SP_MODES, ConfigError, ParallelConfig
 
 
 def _psnr(output: np.ndarray, reference: np.ndarray, value_range: float) -> float:
@@ -45,7 +45,8 @@ def _summarise(result: dict, skip: int) -> dict:
 
 
 def bench_image(args) -> dict:
-    from distgen.cli import launch, prepare_image_job
+    from distgen.launch import run_job as launch
+    from distgen.workloads.image import prepare_image_job
     from distgen.models.tiny import PRESETS, preset_dir
 
     sp_modes = [m.strip() for m in args.sp_mode.split(",") if m.strip()]
@@ -63,7 +64,7 @@ def bench_image(args) -> dict:
         if mode not in PATCH_MODES:
             raise ConfigError(f"--patch-mode: unknown mode {mode!r}; allowed: {', '.join(PATCH_MODES)}")
     # With an sp axis the runs compare sequence-parallel modes (patch modes do not apply).
-    mode_key = "sp_mode" if ParallelConfig.parse(args.parallel).degree("sp") > 1 else "patch_mode"
+    mode_key = "sp_mode" if ParallelConfig.parse(args.parallel, IMAGE_AXES, "images").degree("sp") > 1 else "patch_mode"
     # Validate every configuration before launching any.
     jobs = []
     for mode in (sp_modes if mode_key == "sp_mode" else modes):

@@ -73,13 +73,14 @@ def _median_entry(entries: list[dict]) -> dict:
 
 
 def bench_text(args) -> dict:
-    from distgen.cli import launch, resolve_nproc
-    from distgen.cli_text import LADDER_CAVEAT
+    from distgen.launch import run_job as launch
+    from distgen.workloads import resolve_nproc
+    from distgen.workloads.text import LADDER_CAVEAT
     from distgen.models.checkpoint import open_checkpoint
     from distgen.models.tiny_llm import preset_dir
-    from distgen.runtime.text import TextJob, check_job
+    from distgen.runtime.text import TEXT_AXES, TextJob, check_job
 
-    parallel = ParallelConfig.parse(args.parallel)
+    parallel = ParallelConfig.parse(args.parallel, TEXT_AXES, "text")
     nproc = resolve_nproc(args, parallel)
     wirings = parse_choices(args.compare, WIRINGS, "--compare", "wiring")
     try:

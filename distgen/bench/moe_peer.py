@@ -23,7 +23,7 @@ from distgen.config import ParallelConfig
 
 @dataclass(frozen=True)
 class MoEPeerJob:
-    entry: ClassVar[str] = "distgen.bench_moe_peer:run_peer"
+    entry: ClassVar[str] = "distgen.bench.moe_peer:run_peer"
 
     parallel: ParallelConfig
     hidden: int
@@ -102,7 +102,7 @@ def run_peer(job: MoEPeerJob, ctx) -> dict | None:
 
 
 def bench_peer(args, config, nproc: int) -> dict:
-    from distgen.cli import launch
+    from distgen.launch import run_job as launch
 
     job = MoEPeerJob(parallel=ParallelConfig({"ep": nproc}), hidden=config.hidden_size,
                      intermediate=config.moe.expert_intermediate_size, experts=config.moe.num_experts,
