@@ -44,16 +44,18 @@ class ParallelConfig:
     degrees: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, spec: str | None) -> "ParallelConfig":
-        """Parse ``"cfg=2,patch=2"``. An empty spec means one rank."""
+    def parse(cls, spec: str | None, axes: tuple[str, ...] = MESH_AXES, workload: str | None = None) -> "ParallelConfig":
+        """Parse ``"cfg=2,patch=2"``. An empty spec means one rank. ``axes``: the workload's axes
+        (named in the error for an unknown one); ``workload``: its name, for the message."""
         degrees: dict[str, int] = {}
+        where = f" for {workload}" if workload else ""
         for item in filter(None, (s.strip() for s in (spec or "").split(","))):
             name, sep, value = item.partition("=")
             name = name.strip()
             if not sep:
                 raise ConfigError(f"--parallel: expected AXIS=DEGREE items like 'cfg=2,patch=2', got {item!r}")
             if name not in MESH_AXES:
-                raise ConfigError(f"--parallel: unknown axis {name!r}; allowed axes: {', '.join(MESH_AXES)}")
+                raise ConfigError(f"--parallel: unknown axis {name!r}; allowed axes{where}: {', '.join(axes)}")
             if name in degrees:
                 raise ConfigError(f"--parallel: axis {name!r} given twice")
             try:
@@ -62,6 +64,9 @@ class ParallelConfig:
                 raise ConfigError(f"--parallel: degree of {name!r} must be a positive integer, got {value!r}") from None
             if degree < 1:
                 raise ConfigError(f"--parallel: degree of {name!r} must be a positive integer, got {degree}")
+            if degree > 1 and name not in axes:
+                raise ConfigError(f"--parallel: axis {name!r} is not available{where or ' for this workload'}; "
+                                  f"allowed: {', '.join(axes)}")
             degrees[name] = degree
         return cls(degrees)
 
@@ -90,11 +95,12 @@ class ParallelConfig:
         """(name, ranks) of every axis adding ranks, outermost first."""
         return tuple((a, self.mesh_degree(a)) for a in MESH_AXES if self.mesh_degree(a) > 1)
 
-    def validate(self, world_size: int, allowed_axes: tuple[str, ...]) -> None:
+    def validate(self, world_size: int, allowed_axes: tuple[str, ...], workload: str | None = None) -> None:
         for axis, degree in self.degrees.items():
             if degree > 1 and axis not in allowed_axes:
                 raise ConfigError(
-                    f"--parallel: axis {axis!r} is not available for this workload; allowed: {', '.join(allowed_axes)}"
+                    f"--parallel: axis {axis!r} is not available for {workload or 'this workload'}; allowed: "
+                    f"{', '.join(allowed_axes)}"
                 )
         ep, tp, dp = self.degree("ep"), self.degree("tp"), self.degree("dp")
         if ep > 1 and ep % (tp * dp):

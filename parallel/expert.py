@@ -102,6 +102,12 @@ def check_job(job, config) -> None:
     experts = config.moe.num_experts
     if job.redundant_experts < 0:
         raise ConfigError(f"--redundant-experts must be >= 0, got {job.redundant_experts}")
+    if ep > 1:
+        from distgen.placement.policies import redundant_problem
+
+        problem = redundant_problem(job.redundant_experts, experts, ep, f"--parallel ep={ep}")
+        if problem:
+            raise ConfigError(problem)
     slots = experts + job.redundant_experts
     if slots < ep:
         raise ConfigError(f"--redundant-experts {job.redundant_experts}: {experts} experts + {job.redundant_experts} "

@@ -306,8 +306,8 @@ def test_bad_files_are_config_errors(tmp_path):
 
 def test_check_for_names_what_differs():
     trace = synthetic(30, 8, 2, 100, seed=0)
-    with pytest.raises(ConfigError, match="routing file r.npz has 8 experts per layer, the model has 16"):
-        trace.check_for(16, tuple(range(30)), "r.npz")
+    with pytest.raises(ConfigError, match="--routing r.npz: the routing trace has 8 experts per layer, the model has 16"):
+        trace.check_for(16, tuple(range(30)), "--routing r.npz")
     with pytest.raises(ConfigError, match=r"records 30 MoE layers \(0\.\.29\), the model's are 2 layers \(0, 2\)"):
         trace.check_for(8, (0, 2), "r.npz")
     placement = compute("round-robin", None, 8, (0, 2), 4)
@@ -328,9 +328,13 @@ def test_check_for_names_what_differs():
 
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(policy="greedy"), r"--policy must be one of round-robin, linear, eplb, tuner, got 'greedy'"),
-    (dict(ranks=0), r"--parallel ep=R \(--ranks\) must be >= 1, got 0"),
-    (dict(ranks=3), r"--parallel ep=3 \(--ranks\) must divide the number of expert slots \(E \+ redundant = "
-                    r"8 \+ 0 = 8\); valid ep degrees: 1, 2, 4, 8; or --redundant-experts 1 for ep=3"),
+    (dict(ranks=0), r"--parallel ep=0: the number of expert-parallel ranks must be >= 1"),
+    (dict(ranks=3), r"--parallel ep=3 must divide the number of expert slots \(E \+ redundant = "
+                    r"8 \+ 0 = 8\); valid ep degrees: 1, 2, 4, 8; or --redundant-experts 1 for --parallel ep=3"),
+    (dict(ranks=3, ranks_flag="--ranks 3"), r"--ranks 3 must divide the number of expert slots.*valid rank counts: "
+                                            r"1, 2, 4, 8; or --redundant-experts 1 for --ranks 3"),
+    (dict(ranks=2, redundant=9), r"--redundant-experts 9: at most 8 for 8 experts on --parallel ep=2 \(experts x "
+                                 r"\(ranks - 1\) = 8 x 1\)"),
     (dict(ranks=12, redundant=2), r"--redundant-experts 2 leaves rank 10 without a slot: 8 experts \+ 2 redundant"),
     (dict(redundant=-1), r"--redundant-experts must be >= 0, got -1"),
     (dict(nodes=3), r"--nodes 3 must divide the 4 ranks.*valid: 1, 2, 4"),
@@ -396,13 +400,14 @@ def test_place_command_errors(tmp_path, capsys):
     code, _, err = _place(capsys, "--synthetic", "4,16,2", "--ranks", "4", "--policy", "eplb")
     assert code == 2 and "--policy eplb needs --out" in err
     code, _, err = _place(capsys, "--synthetic", "4,16,2", "--ranks", "5")
-    assert code == 2 and "--parallel ep=5" in err and "valid ep degrees: 1, 2, 4, 8, 16" in err
+    assert code == 2 and "--ranks 5 must divide" in err and "valid rank counts: 1, 2, 4, 8, 16" in err
+    assert "--parallel" not in err  # place has no --parallel
     code, _, err = _place(capsys, "--synthetic", "4,x,2", "--ranks", "4")
     assert code == 2 and "--synthetic must be LAYERS,EXPERTS,TOP_K" in err
     trace_path = str(tmp_path / "t8.npz")
     synthetic(4, 8, 2, 100).save(trace_path)
     code, _, err = _place(capsys, "--synthetic", "4,16,2", "--routing", trace_path, "--ranks", "4")
-    assert code == 2 and f"routing file {trace_path} has 8 experts per layer, the model has 16" in err
+    assert code == 2 and f"--routing {trace_path}: the routing trace has 8 experts per layer, the model has 16" in err
 
 
 def test_place_command_on_checkpoints(tmp_path, capsys):

@@ -83,3 +83,117 @@ def test_unsupported_denoiser(capsys, tmp_path):
 def test_unknown_preset(capsys):
     err = _error(capsys, ["bench", "image", "--preset", "huge"])
     assert "unknown preset 'huge'" in err and "tiny-sd" in err
+
+
+# ------------------------------------------------- errors name what the user typed (issue 20)
+@pytest.mark.parametrize("argv,axes,others", [
+    (["generate", "image"], "allowed axes for images: cfg, patch, sp", ("tp", "clip")),
+    (["bench", "image"], "allowed axes for images: cfg, patch, sp", ("tp", "clip")),
+    (["generate", "video"], "allowed axes for video: cfg, clip, sp", ("tp", "patch")),
+    (["generate", "text"], "allowed axes for text: dp, pp, ep, tp", ("cfg", "patch")),
+])
+def test_unknown_axis_lists_only_the_workloads_axes(capsys, argv, axes, others):
+    err = _error(capsys, argv + ["--parallel", "foo=2"])
+    assert "unknown axis 'foo'" in err and axes in err
+    assert not any(axis in err.split("allowed axes")[1] for axis in others), err
+
+
+def test_axis_of_another_workload_names_this_one(capsys):
+    err = _error(capsys, ["generate", "text", "--parallel", "cfg=2"])
+    assert "'cfg' is not available for text; allowed: dp, pp, ep, tp" in err
+
+
+def test_place_blames_ranks_not_parallel(capsys):
+    err = _error(capsys, ["place", "--synthetic", "8,32,2", "--ranks", "7"])
+    assert "--ranks 7 must divide the number of expert slots" in err and "valid rank counts: 1, 2, 4, 8" in err
+    assert "--parallel" not in err
+
+
+def test_routing_file_of_another_shape_names_the_flag(capsys, tmp_path):
+    from distgen.placement.routing import synthetic
+
+    path = str(tmp_path / "t16.npz")
+    synthetic(8, 16, 2, tokens=100, seed=0).save(path)
+    err = _error(capsys, ["place", "--synthetic", "8,32,2", "--ranks", "8", "--routing", path])
+    assert f"--routing {path}: the routing trace has 16 experts per layer, the model has 32" in err
+
+
+@pytest.fixture(scope="module")
+def tokenizerless(tmp_path_factory):
+    from distgen.models.tiny_llm import save_random_llama
+
+    directory = tmp_path_factory.mktemp("notok")
+    save_random_llama(directory, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return directory
+
+
+def test_missing_tokenizer_is_one_line(capsys, tokenizerless):
+    err = _error(capsys, ["generate", "text", "--model", str(tokenizerless)])
+    assert err.count("\n") == 1 and "no tokenizer in the directory" in err, err
+    assert "sentencepiece" not in err and "Traceback" not in err
+
+
+def test_broken_tokenizer_keeps_transformers_text_for_verbose(capsys, tokenizerless, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tokenizerless, broken)
+    (broken / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "Nope"}}))
+    err = _error(capsys, ["generate", "text", "--model", str(broken)])
+    assert err.count("\n") == 1 and "tokenizer files do not load with transformers" in err, err
+    err = _error(capsys, ["generate", "text", "--model", str(broken), "--verbose"])
+    assert "Traceback" in err and "The above exception was the direct cause" in err
+
+
+def test_option_error_is_one_line_without_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "image", "--steps", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "usage:" not in err
+    assert "argument --steps: invalid int value: 'x'" in err and "--help" in err
+
+
+def test_rank_traceback_only_with_verbose(capsys, monkeypatch):
+    import distgen.cli.place
+    from distgen.launch.local import WorkerError
+
+    def failing_handler(args):
+        raise WorkerError("rank 1 failed: RuntimeError: boom\n--- traceback of rank 1 ---\nTraceback (most recent ...)")
+
+    monkeypatch.setattr(distgen.cli.place, "_place", failing_handler)  # a handler whose rank failed
+    argv = ["place", "--synthetic", "2,4,2", "--ranks", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "rank 1 failed: RuntimeError: boom" in err and "Traceback" not in err and "--verbose" in err
+    assert main(argv + ["--verbose"]) == 1
+    assert "--- traceback of rank 1 ---" in capsys.readouterr().err
+
+
+def test_redundant_experts_bounded_in_place(capsys):
+    err = _error(capsys, ["place", "--synthetic", "8,32,2", "--ranks", "2", "--redundant-experts", "100"])
+    assert "--redundant-experts 100: at most 32 for 32 experts on --ranks 2" in err
+    from distgen.placement.policies import validate
+
+    validate("eplb", 32, range(8), 2, redundant=32)  # full replication is allowed
+    with pytest.raises(ConfigError, match="--redundant-experts 1: spare slots need more than one"):
+        validate("eplb", 32, range(8), 1, redundant=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    """4 experts x 3 layers, with a word tokenizer (as tests/test_moe.py builds it)."""
+    import torch
+    from test_moe import _build, _word_tokenizer
+
+    directory = tmp_path_factory.mktemp("mixtral")
+    torch.manual_seed(0)
+    _build("mixtral").save_pretrained(directory)
+    _word_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("command", [["generate", "text", "--chat", "off"], ["bench", "moe"]])
+def test_redundant_experts_bounded_in_text_and_bench(capsys, tiny_mixtral, command):
+    err = _error(capsys, command + ["--model", tiny_mixtral, "--parallel", "ep=2", "--redundant-experts", "5"])
+    assert "--redundant-experts 5: at most 4 for 4 experts on --parallel ep=2" in err

@@ -242,8 +242,14 @@ def supported_architectures() -> str:
 def load_tokenizer(directory: str):
     from transformers import AutoTokenizer
 
+    files = ("tokenizer.json", "tokenizer_config.json")
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in files):
+        raise CheckpointError(f"--model {directory}: no tokenizer in the directory (neither {' nor '.join(files)}); "
+                              f"text generation needs the checkpoint's tokenizer files next to config.json")
     try:
         return AutoTokenizer.from_pretrained(directory)
-    except Exception as exc:
-        raise CheckpointError(f"--model: no usable tokenizer in {directory} (tokenizer.json / tokenizer_config.json): "
-                              f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # transformers' own text stays out of the one-line error (see --verbose)
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise CheckpointError(f"--model {directory}: its tokenizer files do not load with transformers "
+                              f"({type(exc).__name__}: {first[:160]}); rerun with --verbose for transformers' "
+                              f"error") from exc

@@ -520,9 +520,30 @@ def _kept_pairs(placed: list[list[int]], cross: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- entry point
+def redundant_problem(redundant: int, num_experts: int, ranks: int, flag: str) -> str:
+    """'' when ``redundant`` spare slots can all be useful, else why not. The bound is
+    E x (ranks - 1): with that many spare slots every rank can hold a copy of every expert (full
+    replication); one more slot would hold a second copy of an expert on a rank that has it
+    already, which balances nothing (that rank computes both copies' tokens) and costs memory."""
+    bound = num_experts * (ranks - 1)
+    if redundant <= bound:
+        return ""
+    if ranks == 1:
+        return (f"--redundant-experts {redundant}: spare slots need more than one expert-parallel rank ({flag}); "
+                f"with one rank every expert has its one slot already")
+    return (f"--redundant-experts {redundant}: at most {bound} for {num_experts} experts on {flag} (experts x "
+            f"(ranks - 1) = {num_experts} x {ranks - 1}): that many spare slots already give every rank a copy of "
+            f"every expert; a further copy would sit on a rank that holds its expert already, which balances "
+            f"nothing and costs memory")
+
+
 def validate(policy: str, num_experts: int, moe_layers, ranks: int, nodes: int = 1, redundant: int = 0,
-             has_trace: bool = True, time_limit_s: float = 10.0, groups: int | None = None) -> None:
-    """Every ConfigError :func:`compute` can raise, before any work."""
+             has_trace: bool = True, time_limit_s: float = 10.0, groups: int | None = None,
+             ranks_flag: str | None = None) -> None:
+    """Every ConfigError :func:`compute` can raise, before any work. ``ranks_flag``: how the user
+    gave the rank count, for the messages (default ``--parallel ep=N``; ``distgen place``: ``--ranks N``)."""
+    flag = ranks_flag or f"--parallel ep={ranks}"
+    valid = "ep degrees" if ranks_flag is None else "rank counts"
     if policy not in POLICIES:
         raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if not moe_layers:
@@ -530,20 +551,23 @@ def validate(policy: str, num_experts: int, moe_layers, ranks: int, nodes: int =
     if num_experts < 1:
         raise ConfigError(f"the number of experts must be >= 1, got {num_experts}")
     if ranks < 1:
-        raise ConfigError(f"--parallel ep=R (--ranks) must be >= 1, got {ranks}")
+        raise ConfigError(f"{flag}: the number of expert-parallel ranks must be >= 1")
     if redundant < 0:
         raise ConfigError(f"--redundant-experts must be >= 0, got {redundant}")
+    problem = redundant_problem(redundant, num_experts, ranks, flag)
+    if problem:
+        raise ConfigError(problem)
     slots = num_experts + redundant
     if slots < ranks:
         need = ranks - num_experts
         raise ConfigError(f"--redundant-experts {redundant} leaves rank {slots} without a slot: {num_experts} experts "
                           f"+ {redundant} redundant = {slots} expert slots for {ranks} ranks "
-                          f"(ep={ranks}); use --redundant-experts >= {need} or fewer ranks")
+                          f"({flag}); use --redundant-experts >= {need} or fewer ranks")
     if slots % ranks:
         fix = next(r for r in range(redundant, redundant + ranks) if (num_experts + r) % ranks == 0)
-        raise ConfigError(f"--parallel ep={ranks} (--ranks) must divide the number of expert slots "
-                          f"(E + redundant = {num_experts} + {redundant} = {slots}); valid ep degrees: "
-                          f"{', '.join(map(str, _divisors(slots)))}; or --redundant-experts {fix} for ep={ranks}")
+        raise ConfigError(f"{flag} must divide the number of expert slots "
+                          f"(E + redundant = {num_experts} + {redundant} = {slots}); valid {valid}: "
+                          f"{', '.join(map(str, _divisors(slots)))}; or --redundant-experts {fix} for {flag}")
     if nodes < 1 or ranks % nodes:
         raise ConfigError(f"--nodes {nodes} must divide the {ranks} ranks (equal ranks per node); valid: "
                           f"{', '.join(map(str, _divisors(ranks)))}")
@@ -564,11 +588,12 @@ def validate(policy: str, num_experts: int, moe_layers, ranks: int, nodes: int =
 
 def compute(policy: str, trace: RoutingTrace | None, num_experts: int, moe_layers, ranks: int, nodes: int = 1,
             redundant: int = 0, time_limit_s: float = 10.0, source: str = "routing trace",
-            groups: int | None = None) -> Placement:
+            groups: int | None = None, ranks_flag: str | None = None) -> Placement:
     """One placement for every MoE layer. ``round-robin`` / ``linear`` need no trace; ``eplb``
     without a trace uses uniform loads; ``tuner`` needs one. Validates first (ConfigError)."""
     moe_layers = tuple(int(x) for x in moe_layers)
-    validate(policy, num_experts, moe_layers, ranks, nodes, redundant, trace is not None, time_limit_s, groups)
+    validate(policy, num_experts, moe_layers, ranks, nodes, redundant, trace is not None, time_limit_s, groups,
+             ranks_flag)
     if trace is not None:
         trace.check_for(num_experts, moe_layers, source)
     start = time.monotonic()

@@ -80,12 +80,13 @@ class RoutingTrace:
                    tokens=int(fields["tokens"]))
 
     def check_for(self, num_experts: int, moe_layers: tuple[int, ...], source: str) -> None:
-        """Raise ConfigError saying exactly how this trace differs from the model."""
+        """Raise ConfigError saying exactly how this trace differs from the model. ``source``: where
+        the trace came from as the user gave it (``--routing FILE``)."""
         if self.num_experts != num_experts:
-            raise ConfigError(f"routing file {source} has {self.num_experts} experts per layer, "
+            raise ConfigError(f"{source}: the routing trace has {self.num_experts} experts per layer, "
                               f"the model has {num_experts}")
         if tuple(self.layers) != tuple(moe_layers):
-            raise ConfigError(f"routing file {source} records {len(self.layers)} MoE layers "
+            raise ConfigError(f"{source}: the routing trace records {len(self.layers)} MoE layers "
                               f"{_layer_span(self.layers)}, the model's are {len(moe_layers)} layers "
                               f"{_layer_span(tuple(moe_layers))}")
 
