@@ -197,3 +197,23 @@ def tiny_mixtral(tmp_path_factory):
 def test_redundant_experts_bounded_in_text_and_bench(capsys, tiny_mixtral, command):
     err = _error(capsys, command + ["--model", tiny_mixtral, "--parallel", "ep=2", "--redundant-experts", "5"])
     assert "--redundant-experts 5: at most 4 for 4 experts on --parallel ep=2" in err
+
+
+# ------------------------------------------------- more ranks than cores (issue 20 item 4)
+def test_ranks_beyond_cores_are_noted_once(capsys, monkeypatch):
+    import argparse
+
+    from distgen.workloads import cores_note, resolve_nproc
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    note = cores_note(3, "spawn")
+    assert note.startswith("3 ranks on 2 CPU cores") and "slower than one rank" in note and "at most 2 ranks" in note
+    assert cores_note(2, "auto") is None and cores_note(3, "ray") is None and cores_note(1, "spawn", 8) is None
+    assert "2 ranks x 2 threads = 4 threads on 2 CPU cores" in cores_note(2, "spawn", threads_per_rank=2)
+    monkeypatch.setattr("distgen.workloads._NOTED", set())
+    args = argparse.Namespace(nproc=3, launcher="auto")
+    assert resolve_nproc(args, ParallelConfig.parse("")) == 3
+    assert resolve_nproc(args, ParallelConfig.parse("")) == 3
+    assert capsys.readouterr().err.count("3 ranks on 2 CPU cores") == 1
