@@ -82,7 +82,7 @@ def test_unsupported_denoiser(capsys, tmp_path):
 
 def test_unknown_preset(capsys):
     err = _error(capsys, ["bench", "image", "--preset", "huge"])
-    assert "unknown preset 'huge'" in err and "tiny-sd" in err
+    assert "--preset huge: does not exist, and is not the name of an embedded image model" in err and "tiny-sd" in err
 
 
 # ------------------------------------------------- errors name what the user typed (issue 20)
@@ -217,3 +217,56 @@ def test_ranks_beyond_cores_are_noted_once(capsys, monkeypatch):
     assert resolve_nproc(args, ParallelConfig.parse("")) == 3
     assert resolve_nproc(args, ParallelConfig.parse("")) == 3
     assert capsys.readouterr().err.count("3 ranks on 2 CPU cores") == 1
+
+
+# ------------------------------------------------- embedded models by name (issue 20 item 1)
+def _prepare(argv):
+    from distgen.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args
+
+
+def test_model_accepts_an_embedded_image_name():
+    from distgen.workloads.image import prepare_image_job
+
+    job, nproc = prepare_image_job(_prepare(["generate", "image", "--model", "tiny-pixart", "--parallel", "sp=2"]))
+    assert nproc == 2 and job.model.endswith("tiny-pixart-v1") and (job.request.height, job.request.width) == (128, 128)
+
+
+def test_model_accepts_an_embedded_video_name():
+    from distgen.workloads.video import prepare_video_job
+
+    job, nproc = prepare_video_job(_prepare(["generate", "video", "--model", "tiny-wan", "--parallel", "sp=2"]))
+    assert nproc == 2 and job.model.endswith("tiny-wan-v1") and job.request.frames == 9  # the preset's size
+    alias, _ = prepare_video_job(_prepare(["generate", "video", "--preset", "tiny-wan", "--parallel", "sp=2"]))
+    assert alias.model == job.model
+
+
+@pytest.mark.parametrize("argv,workload,listed", [
+    (["generate", "image"], "image", "tiny-sd, tiny-pixart, tiny-sd3, unet-bench, dit-bench"),
+    (["generate", "video"], "video", "tiny-t2v, tiny-animatediff, tiny-wan, t2v-bench"),
+    (["generate", "text"], "text", "smollm2, smollm2-moe, tiny, llama-bench"),
+    (["bench", "text"], "text", "smollm2, smollm2-moe, tiny, llama-bench"),
+])
+def test_unknown_model_name_lists_the_embedded_ones(capsys, argv, workload, listed):
+    err = _error(capsys, argv + ["--model", "tiny-nope"])
+    assert f"--model tiny-nope: does not exist, and is not the name of an embedded {workload} model" in err
+    assert listed in err
+
+
+def test_a_directory_wins_over_a_name(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-sd").mkdir()  # an (empty) directory called like the embedded model
+    err = _error(capsys, ["generate", "image", "--model", "tiny-sd"])
+    assert "model_index.json" in err
+
+
+def test_preset_is_an_alias_of_model(capsys):
+    err = _error(capsys, ["bench", "image", "--model", "tiny-sd", "--preset", "dit-bench"])
+    assert "--preset is an alias of --model" in err
+
+
+def test_tokenizerless_bench_model_cannot_generate_text(capsys):
+    err = _error(capsys, ["generate", "text", "--model", "tiny"])
+    assert "--model tiny: an embedded benchmark model without a tokenizer" in err and "smollm2-moe" in err

@@ -46,18 +46,17 @@ def _summarise(result: dict, skip: int) -> dict:
 
 def bench_image(args) -> dict:
     from distgen.launch import run_job as launch
-    from distgen.workloads.image import prepare_image_job
-    from distgen.models.tiny import PRESETS, preset_dir
+    from distgen.workloads.image import prepare_image_job, resolve_image_model
 
     sp_modes = [m.strip() for m in args.sp_mode.split(",") if m.strip()]
     for mode in sp_modes:
         if mode not in SP_MODES:
             raise ConfigError(f"--sp-mode: unknown mode {mode!r}; allowed: {', '.join(SP_MODES)}")
-    model_dir = args.model or str(preset_dir(args.preset))
-    if args.model is None:
-        size = PRESETS[args.preset][2]
-        args.height = args.height or size
-        args.width = args.width or size
+    resolved = resolve_image_model(args)
+    model_dir = resolved.directory
+    if resolved.size:
+        args.height = args.height or resolved.size
+        args.width = args.width or resolved.size
     args.steps = args.steps or 8
     modes = [m.strip() for m in args.patch_mode.split(",") if m.strip()]
     for mode in modes:
@@ -79,7 +78,7 @@ def bench_image(args) -> dict:
     report: dict = {
         "workload": "image",
         "model": model_dir,
-        "preset": None if args.model else args.preset,
+        "preset": resolved.name,
         "height": args.height,
         "width": args.width,
         "steps": args.steps,

@@ -119,7 +119,7 @@ def bench_moe(args) -> dict:
     for name in ("batch_size", "max_new_tokens", "repeats", "ranks"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    checkpoint = open_checkpoint(resolve_model(args.model or "smollm2-moe"))
+    checkpoint = open_checkpoint(resolve_model(args.model, default="smollm2-moe"))
     config = checkpoint.config
     if config.moe is None:
         raise ConfigError(f"--model {checkpoint.directory} is a dense model ({config.architecture}); the MoE benchmark "

@@ -77,7 +77,6 @@ def bench_text(args) -> dict:
     from distgen.workloads import resolve_nproc
     from distgen.workloads.text import LADDER_CAVEAT
     from distgen.models.checkpoint import open_checkpoint
-    from distgen.models.tiny_llm import preset_dir
     from distgen.runtime.text import TEXT_AXES, TextJob, check_job
 
     parallel = ParallelConfig.parse(args.parallel, TEXT_AXES, "text")
@@ -92,8 +91,10 @@ def bench_text(args) -> dict:
     for name in ("prompt_len", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    model_dir = args.model or str(preset_dir(args.preset))
-    checkpoint = open_checkpoint(model_dir)
+    from distgen.models import presets
+
+    resolved = presets.resolve("text", args.model, "llama-bench", args.preset)
+    checkpoint = open_checkpoint(resolved.directory)
     config = checkpoint.config
     repeats = args.repeats
     requests = _requests(batch_sizes, args.prompt_len, args.max_new_tokens, config.vocab_size, repeats)
@@ -127,7 +128,7 @@ def bench_text(args) -> dict:
     report: dict = {
         "workload": "text",
         "model": checkpoint.directory,
-        "preset": None if args.model else args.preset,
+        "preset": resolved.name,
         "architecture": config.architecture,
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,

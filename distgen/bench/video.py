@@ -105,7 +105,7 @@ def bench_video(args) -> dict:
     report: dict = {
         "workload": "video",
         "model": model_dir,
-        "preset": None if args.model else args.preset,
+        "preset": None if model_dir == args.model else (args.model or args.preset or args.default_model),
         "frames": request.frames,
         "height": request.height,
         "width": request.width,

@@ -17,7 +17,10 @@ def _add_image_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> Non
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; bench: 8)")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance; <= 1 disables it")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=None, help="local diffusers pipeline directory (save_pretrained layout)")
+    parser.add_argument("--model", default=None,
+                        help="diffusers pipeline directory (save_pretrained layout), or the name of an embedded model: "
+                             "tiny-sd (default; UNet), tiny-pixart, tiny-sd3 (DiTs, for sp), unet-bench, dit-bench "
+                             "(a directory that exists wins over a name)")
     parser.add_argument("--parallel", default="", help="degrees per axis, e.g. 'cfg=2,patch=2' (axes: %s)" % ", ".join(IMAGE_AXES))
     mode_help = "comma list of modes to compare" if bench else "patch mode"
     parser.add_argument("--patch-mode", default="displaced", help=f"{mode_help}: {', '.join(PATCH_MODES)}")
@@ -38,7 +41,8 @@ def register(generate_kinds, bench_kinds) -> None:
 
     bench_image = bench_kinds.add_parser("image", help="patch / cfg parallelism vs one rank, in one run")
     _add_image_arguments(bench_image, bench=True)
-    bench_image.add_argument("--preset", default="tiny-sd", help="embedded model preset (ignored with --model)")
+    bench_image.add_argument("--preset", default=None, help="alias of --model NAME for an embedded model (kept for older "
+                                                            "command lines)")
     bench_image.add_argument("--repeats", type=int, default=1, help="requests per configuration (steps are pooled)")
     bench_image.add_argument("--threads-per-rank", type=int, default=1)
     bench_image.add_argument("--no-baseline", action="store_true", help="skip the single-rank run")

@@ -15,9 +15,11 @@ from distgen.config import DTYPES
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer), or "
-                             "'smollm2-moe': the embedded MoE model (SmolLM2 split into 16 experts, Qwen2-MoE "
-                             "format; derived once into the cache); default: the embedded SmolLM2-135M-Instruct")
+                        help="Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer), or the "
+                             "name of an embedded model: smollm2 (SmolLM2-135M-Instruct, the default of generate "
+                             "text), smollm2-moe (SmolLM2 split into 16 experts, Qwen2-MoE format; derived once into "
+                             "the cache), llama-bench / tiny (random Llamas without a tokenizer, for bench text; its "
+                             "default llama-bench); a directory that exists wins over a name")
     parser.add_argument("--parallel", default="",
                         help="degrees per axis, e.g. 'tp=2,pp=2', 'tp=2,ep=2' or 'dp=2,ep=2' (axes: dp, tp, pp, ep; "
                              "ep shares the dp x tp ranks; dp: each rank its own share of the prompts)")
@@ -49,9 +51,9 @@ def register(generate_kinds, bench_kinds) -> None:
 
     bench = bench_kinds.add_parser("text", help="standard vs Ladder tensor parallelism vs one rank, in one run")
     _add_common(bench)
-    bench.add_argument("--preset", default="llama-bench",
-                       help="embedded model when --model is not given: llama-bench (default; a random ~160 M "
-                            "Llama, hidden 1024, 8 layers, 16/8 heads: tp 1, 2, 4, 8), smollm2 (tp 1 or 3), tiny")
+    bench.add_argument("--preset", default=None,
+                       help="alias of --model NAME (kept for older command lines): llama-bench (the default; a random "
+                            "~160 M Llama, hidden 1024, 8 layers, 16/8 heads: tp 1, 2, 4, 8), smollm2 (tp 1 or 3), tiny")
     bench.add_argument("--batch-size", default="1", help="comma list of batch sizes, e.g. 1,8")
     bench.add_argument("--compare", default="standard,ladder,no-comm",
                        help="comma list of wirings: standard, ladder (all layers unless --ladder-layers), "
@@ -65,7 +67,7 @@ def register(generate_kinds, bench_kinds) -> None:
     bench.set_defaults(handler=bench_text)
 
     moe = bench_kinds.add_parser("moe", help="expert placement policies (round-robin, eplb, tuner) vs one rank, in one run")
-    moe.add_argument("--model", default=None, help="MoE checkpoint directory (default: the embedded smollm2-moe)")
+    moe.add_argument("--model", default=None, help="MoE checkpoint directory, or an embedded name (default: smollm2-moe)")
     moe.add_argument("--parallel", default="ep=2", help="degrees per axis with ep >= 2, e.g. 'ep=2' or 'tp=2,ep=2'")
     moe.add_argument("--compare", default="round-robin,eplb,tuner", help="comma list of placement policies")
     moe.add_argument("--redundant-experts", type=int, default=None,

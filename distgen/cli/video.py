@@ -20,9 +20,14 @@ def _add_video_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> Non
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=8, help="frame rate written into the video file")
-    parser.add_argument("--model", default=None, help="local diffusers video pipeline directory (save_pretrained layout)")
-    parser.add_argument("--preset", default="t2v-bench" if bench else "tiny-t2v",
-                        help="embedded model preset when --model is not given")
+    default = "t2v-bench" if bench else "tiny-t2v"
+    parser.add_argument("--model", default=None,
+                        help=f"diffusers video pipeline directory (save_pretrained layout), or the name of an embedded "
+                             f"model: tiny-t2v, tiny-animatediff, tiny-wan, t2v-bench (default {default}; a directory "
+                             f"that exists wins over a name)")
+    parser.add_argument("--preset", default=None, help="alias of --model NAME for an embedded model (kept for older "
+                                                       "command lines)")
+    parser.set_defaults(default_model=default)
     parser.add_argument("--parallel", default="", help="degrees per axis, e.g. 'clip=2' or 'cfg=2,clip=4' (axes: %s)" % ", ".join(VIDEO_AXES))
     parser.add_argument("--clip-mode", default="dual-scope",
                         help=f"clip parallelism: {', '.join(CLIP_MODES)}" + ("; bench: the headline mode (all are measured)" if bench else ""))

@@ -6,22 +6,33 @@ from distgen.config import IMAGE_AXES, ImageJob, ImageRequest, ParallelConfig, P
 from distgen.workloads import resolve_nproc
 
 
+def resolve_image_model(args):
+    """--model (a pipeline directory or an embedded name), --preset (its alias, benches), else tiny-sd."""
+    from distgen.models import presets
+    from distgen.models.tiny import DEFAULT_MODEL
+
+    return presets.resolve("image", args.model, getattr(args, "default_model", DEFAULT_MODEL), getattr(args, "preset", None))
+
+
 def prepare_image_job(
     args, patch_mode: str | None = None, model_dir: str | None = None, sp_mode: str | None = None
 ) -> tuple[ImageJob, int]:
     """Validate everything a user can get wrong; returns the job and the number of ranks."""
     from distgen.models import diffusion as adapter
-    from distgen.models.tiny import DEFAULT_MODEL, preset_dir
     from distgen.parallel import sequence
 
     parallel = ParallelConfig.parse(args.parallel, IMAGE_AXES, "images")
     nproc = resolve_nproc(args, parallel)
     parallel.validate(nproc, IMAGE_AXES, "images")
+    size = 128
+    if model_dir is None:
+        resolved = resolve_image_model(args)
+        model_dir, size = resolved.directory, resolved.size or size
     request = ImageRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        height=args.height or 128,
-        width=args.width or 128,
+        height=args.height or size,
+        width=args.width or size,
         steps=args.steps or 20,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
@@ -32,13 +43,12 @@ def prepare_image_job(
         parallel=parallel,
         patch=patch,
         sp_mode=sp_mode or args.sp_mode,
-        model=model_dir or args.model,
+        model=model_dir,
         dtype=args.dtype,
         comm_timeout_s=args.comm_timeout,
     )
     job.validate()
-    model = job.model if job.model is not None else str(preset_dir(DEFAULT_MODEL))
-    info = adapter.inspect_pipeline(model)
+    info = adapter.inspect_pipeline(model_dir)
     adapter.validate_geometry(info, request, parallel)
     sequence.validate_image(info, request, parallel, job.sp_mode)
-    return job.replace(model=model), nproc
+    return job, nproc

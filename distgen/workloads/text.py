@@ -68,13 +68,12 @@ def default_model_dir() -> str:
     return str(smollm2.model_dir())
 
 
-def resolve_model(model: str | None) -> str:
-    """--model: a checkpoint directory, the embedded MoE's name, or None (the embedded SmolLM2)."""
-    from distgen.models.smollm2_moe import CLI_NAME, smollm2_moe_dir
+def resolve_model(model: str | None, default: str = "smollm2", preset: str | None = None) -> str:
+    """--model: a checkpoint directory or an embedded name (smollm2, smollm2-moe, the bench Llamas);
+    --preset: its alias (bench text); None: ``default``."""
+    from distgen.models import presets
 
-    if model == CLI_NAME and not os.path.isdir(model):
-        return str(smollm2_moe_dir())
-    return model or default_model_dir()
+    return presets.resolve("text", model, default, preset).directory
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: str, system: str | None) -> list[list[int]]:
@@ -98,8 +97,14 @@ def prepare_text_job(args):
     from distgen.models.checkpoint import load_tokenizer, open_checkpoint
     from distgen.runtime.text import TEXT_AXES, TextJob, TextRequest, check_job
 
+    from distgen.models.tiny_llm import PRESETS as TOKENIZERLESS
+
     parallel = ParallelConfig.parse(args.parallel, TEXT_AXES, "text")
     nproc = resolve_nproc(args, parallel)
+    if args.model in TOKENIZERLESS and not os.path.exists(args.model):
+        raise ConfigError(f"--model {args.model}: an embedded benchmark model without a tokenizer (`distgen bench "
+                          f"text` feeds it token ids); to generate text use smollm2 (the default), smollm2-moe or "
+                          f"a checkpoint directory with its tokenizer")
     model = resolve_model(args.model)
     checkpoint = open_checkpoint(model)
     tokenizer = load_tokenizer(checkpoint.directory)

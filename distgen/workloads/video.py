@@ -11,14 +11,15 @@ from distgen.workloads import resolve_nproc
 
 
 def resolve_model(args) -> tuple[str, tuple[int, int, int] | None]:
-    """The model directory and, for an embedded preset, its default (frames, height, width)."""
-    if args.model is not None:
-        return args.model, None
-    from distgen.models.tiny_video import VIDEO_PRESETS, video_preset_dir
+    """The model directory and, for an embedded model, its default (frames, height, width):
+    --model (a pipeline directory or an embedded name), --preset (its alias), else the command's
+    default (tiny-t2v; bench: t2v-bench)."""
+    from distgen.models import presets
+    from distgen.models.tiny_video import DEFAULT_VIDEO_MODEL
 
-    if args.preset not in VIDEO_PRESETS:
-        raise ConfigError(f"--preset: unknown video preset {args.preset!r}; allowed: {', '.join(VIDEO_PRESETS)}")
-    return str(video_preset_dir(args.preset)), VIDEO_PRESETS[args.preset][2]
+    resolved = presets.resolve("video", args.model, getattr(args, "default_model", DEFAULT_VIDEO_MODEL),
+                               getattr(args, "preset", None))
+    return resolved.directory, resolved.size
 
 
 def prepare_video_job(args, clip: ClipConfig | None = None, model_dir: str | None = None) -> tuple[VideoJob, int]:
