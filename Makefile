@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-serve bench clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# real `distgen serve` processes over HTTP, Ray placement on a two-node Ray (run by .ci/run)
+test-serve: install
+	$(BIN)/python -m pytest -q -m serve
 
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/distgen bench image --preset dit-bench --nproc 2 --parallel patch=2 \

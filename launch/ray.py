@@ -473,7 +473,8 @@ class RayGroup:
             except Exception as exc:  # noqa: BLE001
                 text, _ = _unwrap(exc)
                 out.append((rank, text if text.startswith("its Ray actor died") else f"failed: {text}"))
-        return sorted(out)
+        # an actor that died makes its peers' collectives fail: it is the cause, so it comes first
+        return sorted(out, key=lambda item: (not item[1].startswith("its Ray actor died"), item[0]))
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.actors:

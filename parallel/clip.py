@@ -127,6 +127,7 @@ class ClipState:
                  per_frame_text: bool = False):
         self.engine = engine
         self.config = config
+        self.requested = config  # as given: windows left unset are resolved again for each video length
         self.rank = engine.rank
         self.world = engine.world
         self.exchanges = config.active_exchanges if self.world > 1 else frozenset()
@@ -149,7 +150,7 @@ class ClipState:
         if frames < self.world:
             raise RuntimeError(f"clip={self.world}: {frames} frames cannot fill {self.world} clips")
         self.frames = frames
-        self.config = self.config.resolved(frames, self.world)
+        self.config = self.requested.resolved(frames, self.world)
         self.lengths = clip_lengths(frames, self.world)
         self.starts = [sum(self.lengths[:r]) for r in range(self.world)]
         indices = global_frame_indices(frames, self.config.global_frames) if self.config.global_frames else []

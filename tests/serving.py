@@ -49,6 +49,9 @@ class Server:
             return f.read()[-6000:]
 
     def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (the server drains), then the server's exit code."""
+        if self.log.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

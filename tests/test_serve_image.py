@@ -24,7 +24,9 @@ STEPS = 4
 
 def one_shot_png(tmp_path, model: str, parallel: str, seed: int, size: int, extra=()) -> np.ndarray:
     out = tmp_path / f"one-shot-{parallel}-{seed}-{size}.png"
-    args = [sys.executable, "-m", "distgen", "generate", "image", "--model", model, "--prompt", "a lighthouse",
+    from distgen.models.tiny import preset_dir
+
+    args = [sys.executable, "-m", "distgen", "generate", "image", "--model", str(preset_dir(model)), "--prompt", "a lighthouse",
             "--height", str(size), "--width", str(size), "--steps", str(STEPS), "--seed", str(seed),
             "--parallel", parallel, "--out", str(out), "--no-progress", *extra]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -42,39 +44,51 @@ def served(url: str, seed: int, size: int, **extra) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-@pytest.mark.parametrize("model,parallel,extra", [
-    ("tiny-sd", "cfg=2", ()),
-    ("tiny-sd", "patch=2", ("--patch-mode", "displaced")),
-    ("tiny-pixart", "sp=2", ("--sp-mode", "ring")),
-])
-def test_served_image_equals_one_shot_png(tmp_path, model, parallel, extra):
-    with Server(["--model", model, "--parallel", parallel, *extra]) as server:
-        got = served(server.url, seed=3, size=128, model=model)
-        # the client's own view: PIL out
-        from distgen.client import Client
+@pytest.fixture(scope="module")
+def cfg_server():
+    with Server(["--model", "tiny-sd", "--parallel", "cfg=2", "--max-batch-size", "8"]) as server:
+        yield server
 
-        mine = Client(server.url).image("a lighthouse", size=(128, 128), seed=3, steps=STEPS)
-        assert mine.size == (128, 128)
+
+def _check_against_one_shot(tmp_path, url: str, model: str, parallel: str, extra=()) -> None:
+    from distgen.client import Client
+
+    got = served(url, seed=3, size=128, model=model)
+    mine = Client(url).image("a lighthouse", size=(128, 128), seed=3, steps=STEPS)  # the client's view: PIL
+    assert mine.size == (128, 128)
     expected = one_shot_png(tmp_path, model, parallel, seed=3, size=128, extra=extra)
     assert got.shape == expected.shape == (128, 128, 3)
     assert np.abs(got - expected).max() <= 1
     assert np.abs(np.asarray(mine.convert("RGB"), dtype=np.int16) - expected).max() <= 1
 
 
-def test_concurrent_images_of_two_sizes_each_get_their_own(tmp_path):
-    with Server(["--model", "tiny-sd", "--parallel", "cfg=2", "--max-batch-size", "8"]) as server:
-        cases = [(seed, size) for seed in range(8) for size in (64, 128)]
-        expected = {case: served(server.url, *case) for case in cases}  # one at a time: batches of one
-        assert len({e.tobytes() for e in expected.values()}) == len(cases)  # every case differs
+def test_cfg_image_equals_one_shot_png(tmp_path, cfg_server):
+    _check_against_one_shot(tmp_path, cfg_server.url, "tiny-sd", "cfg=2")
 
-        with concurrent.futures.ThreadPoolExecutor(32) as pool:
-            results = list(pool.map(lambda case: (case, served(server.url, *case)), cases * 2))
-        assert len(results) == 32
-        for case, image in results:
-            assert np.abs(image - expected[case]).max() <= 1, case
-        assert metric(server.url, "distgen_running_requests") == 0
-        status, report = server.health()
-        assert status == 200 and report["restarts"] == 0
+
+@pytest.mark.parametrize("model,parallel,extra", [
+    ("tiny-sd", "patch=2", ("--patch-mode", "displaced")),
+    ("tiny-pixart", "sp=2", ("--sp-mode", "ring")),
+])
+def test_served_image_equals_one_shot_png(tmp_path, model, parallel, extra):
+    with Server(["--model", model, "--parallel", parallel, *extra]) as server:
+        _check_against_one_shot(tmp_path, server.url, model, parallel, extra)
+
+
+def test_concurrent_images_of_two_sizes_each_get_their_own(cfg_server):
+    server = cfg_server
+    cases = [(seed, size) for seed in range(8) for size in (64, 128)]
+    expected = {case: served(server.url, *case) for case in cases}  # one at a time: batches of one
+    assert len({e.tobytes() for e in expected.values()}) == len(cases)  # every case differs
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda case: (case, served(server.url, *case)), cases * 2))
+    assert len(results) == 32
+    for case, image in results:
+        assert np.abs(image - expected[case]).max() <= 1, case
+    assert metric(server.url, "distgen_running_requests") == 0
+    status, report = server.health()
+    assert status == 200 and report["restarts"] == 0
 
 
 BAD_IMAGE = [
@@ -94,15 +108,17 @@ BAD_IMAGE = [
 ]
 
 
-def test_bad_image_parameters_and_video_job(tmp_path):
-    with Server(["--model", "tiny-sd", "--parallel", "cfg=2"]) as server:
-        for body, status, param in BAD_IMAGE:
-            response = httpx.post(server.url + "/v1/images/generations", json=body, timeout=30)
-            assert response.status_code == status, (body, response.text)
-            error = response.json()["error"]
-            assert error["param"] is not None and error["param"].startswith(param), (body, error)
-        assert metric(server.url, "distgen_queue_depth") == 0
-        assert 'distgen_requests_admitted_total{kind="image"}' not in httpx.get(server.url + "/metrics").text
+def test_bad_image_parameters_are_refused_before_queueing(cfg_server):
+    server = cfg_server
+    admitted = metric(server.url, 'distgen_requests_admitted_total{kind="image"}')
+    for body, status, param in BAD_IMAGE:
+        response = httpx.post(server.url + "/v1/images/generations", json=body, timeout=30)
+        assert response.status_code == status, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"] is not None and error["param"].startswith(param), (body, error)
+    assert metric(server.url, 'distgen_requests_admitted_total{kind="image"}') == admitted
+    assert metric(server.url, "distgen_queue_depth") == 0
+    assert server.health()[1]["restarts"] == 0
 
 
 def test_video_job_progresses_and_its_mp4_has_the_frames(tmp_path):

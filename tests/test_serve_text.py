@@ -108,15 +108,22 @@ def test_concurrent_requests_each_get_their_own_answer(llama, tp2):
     client = OpenAI(base_url=tp2.url + "/v1", api_key="unused", max_retries=0, timeout=300)
     expected = {p: client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
                 for p in PROMPTS}
+    expected |= {"chat:" + p: client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": p}], max_tokens=8, temperature=0).choices[0].message.content
+        for p in PROMPTS}
 
     def ask(i: int) -> tuple[str, str]:
         prompt = PROMPTS[i % len(PROMPTS)]
+        if i % 2:  # chat and completions mixed
+            reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                   max_tokens=8, temperature=0)
+            return "chat:" + prompt, reply.choices[0].message.content
         reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
         return prompt, reply.choices[0].text
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(ask, range(24)))
-    assert len(answers) == 24
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, range(32)))
+    assert len(answers) == 32
     for prompt, text in answers:
         assert text == expected[prompt]
 
@@ -217,6 +224,41 @@ def test_overload_gets_429_with_retry_after(llama):
                                          extra_body={"ignore_eos": True}).choices[0].text == expected_text
 
 
+def test_exposed_host_needs_a_key_and_requests_need_it(llama, tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "distgen", "serve", "--model", llama, "--host", "0.0.0.0"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "--host 0.0.0.0" in refused.stderr and "API key" in refused.stderr and "--api-key-file" in refused.stderr
+    key_file = tmp_path / "key.txt"
+    key_file.write_text("s3cret-key\n")
+    with Server(["--model", llama, "--served-model-name", "tiny", "--api-key-file", str(key_file)]) as server:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+        assert httpx.post(server.url + "/v1/completions", json=body).status_code == 401
+        wrong = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        auth = {"Authorization": "Bearer s3cret-key"}
+        ok = httpx.post(server.url + "/v1/completions", json=body, headers=auth)
+        assert ok.status_code == 200
+        assert httpx.get(server.url + "/health").status_code == 200  # open
+        assert httpx.get(server.url + "/metrics").status_code == 200  # open
+
+        # SIGTERM while a request runs: it is finished (drain), then a clean exit
+        long = {"model": "tiny", "prompt": "hello", "max_tokens": 250, "temperature": 0, "ignore_eos": True}
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(
+            response=httpx.post(server.url + "/v1/completions", json=long, headers=auth, timeout=120)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while metric(server.url, "distgen_running_requests") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert server.stop() == 0
+        thread.join(30)
+        assert result["response"].status_code == 200
+        assert result["response"].json()["usage"]["completion_tokens"] == 250
+
+
 def _kill_rank_mid_request(server, rank: int) -> None:
     """Start a long request, kill -9 one worker rank while it runs; check the 503 and the rebuild."""
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
@@ -248,11 +290,11 @@ def _kill_rank_mid_request(server, rank: int) -> None:
     again = httpx.post(server.url + "/v1/completions", json=dict(body, max_tokens=6), timeout=120)
     assert again.status_code == 200
     assert again.json()["choices"][0]["text"] == expected["choices"][0]["text"]
+    assert server.stop() == 0  # SIGTERM after a rebuild: still a clean exit
 
 
-def test_killed_rank_fails_the_request_then_the_group_is_rebuilt(llama):
-    with Server(["--model", llama, "--served-model-name", "tiny", "--parallel", "tp=2"]) as server:
-        _kill_rank_mid_request(server, rank=1)
+def test_killed_rank_fails_the_request_then_the_group_is_rebuilt(tp2):
+    _kill_rank_mid_request(tp2, rank=1)  # last user of the module's tp=2 server
 
 
 @pytest.mark.ray
@@ -262,20 +304,3 @@ def test_killed_ray_actor_fails_the_request_then_the_group_is_rebuilt(llama):
         _kill_rank_mid_request(server, rank=1)
 
 
-def test_exposed_host_needs_a_key_and_requests_need_it(llama, tmp_path):
-    refused = subprocess.run([sys.executable, "-m", "distgen", "serve", "--model", llama, "--host", "0.0.0.0"],
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2
-    assert "--host 0.0.0.0" in refused.stderr and "API key" in refused.stderr and "--api-key-file" in refused.stderr
-    key_file = tmp_path / "key.txt"
-    key_file.write_text("s3cret-key\n")
-    with Server(["--model", llama, "--served-model-name", "tiny", "--api-key-file", str(key_file)]) as server:
-        body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
-        assert httpx.post(server.url + "/v1/completions", json=body).status_code == 401
-        wrong = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.get(server.url + "/v1/models").status_code == 401
-        ok = httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": "Bearer s3cret-key"})
-        assert ok.status_code == 200
-        assert httpx.get(server.url + "/health").status_code == 200  # open
-        assert httpx.get(server.url + "/metrics").status_code == 200  # open

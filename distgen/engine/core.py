@@ -50,8 +50,8 @@ class EngineConfig:
 class Handle:
     """One request's events, in order; terminal: result, error (with an HTTP status), cancelled.
 
-    Created in an asyncio loop, events are also delivered to that loop (``async for`` over
-    :meth:`aevents`); otherwise read them with :meth:`events` from any thread.
+    Created in an asyncio loop, events are also delivered to that loop (await
+    :meth:`next_event`); otherwise read them with :meth:`events` from any thread.
     """
 
     def __init__(self, item: WorkItem, engine: "Engine", loop: asyncio.AbstractEventLoop | None):
@@ -101,12 +101,12 @@ class Handle:
             if event[0] in TERMINAL:
                 return
 
-    async def aevents(self):
-        while True:
-            event = await self._aqueue.get()
-            yield event
-            if event[0] in TERMINAL:
-                return
+    async def next_event(self, timeout: float | None = None) -> tuple | None:
+        """The next event, or None after ``timeout`` seconds (safe to call again: nothing is lost)."""
+        try:
+            return await asyncio.wait_for(self._aqueue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
 
     def wait(self, timeout: float | None = None) -> tuple:
         """Block until the terminal event; returns it."""
@@ -360,6 +360,15 @@ class Engine:
             else:
                 rank, message, trace = event[1], event[2], event[3]
                 text = f"rank {rank} failed: {message}"
+                # a rank killed under a collective makes its peers fail first ("connection reset"):
+                # name the rank that died, if one did
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline and self.group is not None:
+                    others = [(r, how) for r, how in self.group.dead() if r != rank]
+                    if others:
+                        text = f"rank {others[0][0]} {others[0][1]} (then rank {rank} failed: {message})"
+                        break
+                    time.sleep(0.05)
             logger.error("%s\n%s", text, trace)
             if not self._stop.is_set():
                 self._fail_group(text, fatal=kind == "fatal")
@@ -385,6 +394,8 @@ class Engine:
         """A rank died or hung: answer the requests it was running, tear the group down, rebuild."""
         with self._lock:
             self.stats.last_failure = reason
+            if self.state != "draining":
+                self.state = "rebuilding"  # before anyone hears of the failure: /health must not say ok
             for handle in self._handles.values():
                 if not handle.done and handle.started_at is not None:
                     handle._deliver(("error", 503, f"the worker group failed while running this request: {reason}"))

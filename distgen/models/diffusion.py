@@ -7,6 +7,8 @@ worker runs.
 
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +100,10 @@ def validate_geometry(info: PipelineInfo, request: ImageRequest, parallel: Paral
     patch = parallel.degree("patch")
     width_multiple = info.pixels_per_band_row()
     height_multiple = width_multiple * patch
+    if info.family in ("unet", "pixart"):
+        # their pipelines' own check_inputs require multiples of 8 whatever the VAE factor
+        width_multiple = math.lcm(width_multiple, 8)
+        height_multiple = math.lcm(height_multiple, 8)
     if request.width % width_multiple:
         raise ConfigError(
             f"--width {request.width} must be a multiple of {width_multiple} for this model "

@@ -339,11 +339,9 @@ async def _wait(request: Request, handle, timeout_s: float | None, engine: Engin
     """Wait for a handle's answer, cancelling it when the client goes away or the deadline passes.
     Returns an error response, or None when the result is there."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    events = handle.aevents()
     while True:
-        try:
-            event = await asyncio.wait_for(events.__anext__(), timeout=0.5)
-        except asyncio.TimeoutError:
+        event = await handle.next_event(0.5)
+        if event is None:
             if await request.is_disconnected():
                 for h in (handle, *cancel_also):
                     h.cancel()
@@ -353,8 +351,6 @@ async def _wait(request: Request, handle, timeout_s: float | None, engine: Engin
                     h.cancel()
                 return _failure(504, f"the request did not finish within timeout_s={timeout_s}")
             continue
-        except StopAsyncIteration:
-            event = handle.outcome
         if consume is not None:
             consume(event)
         if event[0] == "result":
@@ -492,11 +488,9 @@ class _TextRun:
         deadline = None if self.body.timeout_s is None else time.monotonic() + self.body.timeout_s
         finished_all = False
         try:
-            events = self.handle.aevents()
             while True:
-                try:
-                    event = await asyncio.wait_for(events.__anext__(), timeout=0.5)
-                except asyncio.TimeoutError:
+                event = await self.handle.next_event(0.5)
+                if event is None:
                     if await request.is_disconnected():
                         return
                     if deadline is not None and time.monotonic() > deadline:
@@ -504,8 +498,6 @@ class _TextRun:
                         yield _sse_error(504, f"the request did not finish within timeout_s={self.body.timeout_s}")
                         return
                     continue
-                except StopAsyncIteration:
-                    break
                 for row, delta, finish in self.consume(event):
                     if delta or finish or (self.chat and not opened[row]):
                         if finish is not None and delta:

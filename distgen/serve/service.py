@@ -69,45 +69,27 @@ def detect_workload(model_dir: str) -> str:
                       f"causal-LM checkpoint (config.json)")
 
 
-def _resolve_model(options: ServeOptions) -> tuple[str, str, str]:
-    """(directory, workload, served name)."""
-    name = options.model
-    workload = options.workload
+def _resolve_model(options: ServeOptions) -> tuple[str, str, str, object]:
+    """(directory, workload, served name): a directory (its workload read from it unless
+    --workload says), or an embedded model's name (distgen.models.presets), default SmolLM2."""
+    from distgen.models import presets
+
+    name, workload = options.model, options.workload
     if workload is not None and workload not in WORKLOADS:
         raise ConfigError(f"--workload: unknown workload {workload!r}; allowed: {', '.join(WORKLOADS)}")
-    if name is None or not os.path.isdir(name):
-        directory, kind = _embedded(name, workload)
-        return directory, kind, options.served_model_name or (name or _default_name(kind))
-    kind = workload or detect_workload(name)
-    return name, kind, options.served_model_name or Path(name).resolve().name
-
-
-def _default_name(workload: str) -> str:
-    return {"image": "tiny-sd", "video": "tiny-t2v", "text": "smollm2"}[workload]
-
-
-def _embedded(name: str | None, workload: str | None) -> tuple[str, str]:
-    """An embedded model by name (or the workload's default): (directory, workload)."""
-    from distgen.models.tiny import PRESETS, preset_dir
-    from distgen.models.tiny_video import VIDEO_PRESETS, video_preset_dir
-
-    text_names = ("smollm2", "smollm2-moe")
+    if name is not None and os.path.exists(name):
+        kind = workload or detect_workload(name)
+        return name, kind, options.served_model_name or Path(name).resolve().name, None
     if name is None:
-        name = _default_name(workload or "text")
-    if name in PRESETS and workload in (None, "image"):
-        return str(preset_dir(name)), "image"
-    if name in VIDEO_PRESETS and workload in (None, "video"):
-        return str(video_preset_dir(name)), "video"
-    if name in text_names and workload in (None, "text"):
-        from distgen.workloads.text import resolve_model
-
-        return resolve_model(None if name == "smollm2" else name), "text"
-    from distgen.models import tiny_llm
-
-    if name in getattr(tiny_llm, "PRESETS", {}) and workload in (None, "text"):
-        return str(tiny_llm.preset_dir(name)), "text"
-    known = sorted(set(PRESETS) | set(VIDEO_PRESETS) | set(text_names) | set(getattr(tiny_llm, "PRESETS", {})))
-    raise ConfigError(f"--model {name}: not a directory and not an embedded model; embedded: {', '.join(known)}")
+        workload = workload or "text"
+        name = presets.names(workload)[0]
+    kinds = [workload] if workload else [w for w in WORKLOADS if name in presets.names(w)]
+    if not kinds:
+        every = sorted({n for w in WORKLOADS for n in presets.names(w)})
+        raise ConfigError(f"--model {name}: does not exist, and is not the name of an embedded model; give a model "
+                          f"directory or one of: {', '.join(every)}")
+    resolved = presets.resolve(kinds[0], name, default=presets.names(kinds[0])[0])
+    return resolved.directory, kinds[0], options.served_model_name or name, resolved.size
 
 
 class Service:
@@ -115,7 +97,8 @@ class Service:
 
     def __init__(self, options: ServeOptions, nproc: int):
         self.options = options
-        self.model_dir, self.workload, self.name = _resolve_model(options)
+        # preset_size: an embedded model's default size (image side, or video (frames, height, width))
+        self.model_dir, self.workload, self.name, self.preset_size = _resolve_model(options)
         self.parallel = ParallelConfig.parse(options.parallel)
         self.nproc = nproc
         if options.max_batch_size < 1:
@@ -157,8 +140,8 @@ class Service:
                              model=self.model_dir, dtype=self.options.dtype, comm_timeout_s=self.options.comm_timeout,
                              progress=False)
         self.base.validate()
-        resolved = validate_video(self.info, probe, self.parallel, self.clip, self.base.sp_mode)
-        self.base = self.base.replace(clip=resolved)
+        # the group keeps the clip options as given: windows are resolved per request (per video length)
+        validate_video(self.info, probe, self.parallel, self.clip, self.base.sp_mode)
         if self.output_dir is None:
             import tempfile
 
@@ -194,15 +177,12 @@ class Service:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        """(width, height) of an image request without ``size``: the embedded preset's, else the
-        denoiser's sample size times the VAE factor."""
-        from distgen.models.tiny import PRESETS
-
-        if self.name in PRESETS and not os.path.isdir(self.options.model or ""):
-            size = PRESETS[self.name][2]
-            return size, size
+        """(width, height) of an image request without ``size``: the embedded model's, else the
+        denoiser's sample size times the VAE factor (what the pipeline itself defaults to)."""
+        if isinstance(self.preset_size, int):
+            return self.preset_size, self.preset_size
         info = self.info
-        try:  # the denoiser's own sample size (latent pixels), as the pipeline defaults to
+        try:
             config = json.loads((Path(info.path) / info.denoiser_attr / "config.json").read_text())
             sample = config.get("sample_size")
             side = int(sample[0] if isinstance(sample, (list, tuple)) else sample) * info.vae_scale_factor
@@ -211,11 +191,7 @@ class Service:
         return side, side
 
     def _video_defaults(self) -> tuple[int, int, int]:
-        from distgen.models.tiny_video import VIDEO_PRESETS
-
-        if self.name in VIDEO_PRESETS and not os.path.isdir(self.options.model or ""):
-            return VIDEO_PRESETS[self.name][2]
-        return self.info.default_size
+        return tuple(self.preset_size) if self.preset_size else self.info.default_size
 
     def check_model(self, model: str | None, required: bool = True) -> None:
         if model is None:
