@@ -18,6 +18,8 @@ import threading
 import traceback
 from typing import Any
 
+from distgen.launch.local import QueueLink
+
 
 def start_group(job: Any, nproc: int, launcher: str, ray_address: str | None = None,
                 threads_per_rank: int | None = None):
@@ -36,7 +38,7 @@ def start_group(job: Any, nproc: int, launcher: str, ray_address: str | None = N
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
-class InProcessGroup:
+class InProcessGroup(QueueLink):
     """Rank 0 of a torchrun job: the leader loop runs in a thread of this (the server's) process."""
 
     def __init__(self, job: Any):
@@ -58,15 +60,6 @@ class InProcessGroup:
         except BaseException as exc:  # noqa: BLE001 - reported to the engine
             self._error = f"{type(exc).__name__}: {exc}"
             self.events.put(("rank_error", 0, self._error, traceback.format_exc()))
-
-    def send(self, command) -> None:
-        self.commands.put(command)
-
-    def recv(self, timeout: float):
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
 
     def dead(self) -> list[tuple[int, str]]:
         if self.thread.is_alive():

@@ -59,24 +59,31 @@ def _entry(rank: int, world_size: int, port: int, job: Any, results: "mp.Queue")
         raise SystemExit(1)
 
 
+@contextlib.contextmanager
+def threads_for_children(threads_per_rank: int | None):
+    """OMP_NUM_THREADS for processes started in this block (children read it at start-up)."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if threads_per_rank:
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
 def spawn(job: Any, nproc: int, timeout_s: float | None = None, threads_per_rank: int | None = None) -> Any:
     """Run ``job`` on ``nproc`` local processes; return rank 0's result."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     # Children read OMP_NUM_THREADS at start-up; set it only while starting them.
-    saved_threads = os.environ.get("OMP_NUM_THREADS")
-    if threads_per_rank:
-        os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)
     procs = [ctx.Process(target=_entry, args=(r, nproc, port, job, results), daemon=False) for r in range(nproc)]
-    try:
+    with threads_for_children(threads_per_rank):
         for p in procs:
             p.start()
-    finally:
-        if saved_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved_threads
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     rank0_result, finished = None, set()
     try:
@@ -145,33 +152,11 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-class LocalGroup:
-    """A resident group of local processes (``--launcher spawn``): rank 0 reads the command queue
-    and every rank may report a failure on the event queue; the controller watches each process's
-    exit (its sentinel), so a killed rank is noticed at once, not after a collective times out."""
+class QueueLink:
+    """The controller's end of a leader's channel: ``send`` commands, ``recv`` events."""
 
-    def __init__(self, job: Any, nproc: int, threads_per_rank: int | None = None):
-        self.job, self.nproc, self.threads_per_rank = job, nproc, threads_per_rank
-        ctx = mp.get_context("spawn")
-        self.commands, self.events = ctx.Queue(), ctx.Queue()
-        port = free_port()
-        saved_threads = os.environ.get("OMP_NUM_THREADS")
-        if threads_per_rank:
-            os.environ["OMP_NUM_THREADS"] = str(threads_per_rank)
-        self.procs = [ctx.Process(target=_resident_entry, args=(r, nproc, port, job, self.commands, self.events),
-                                  daemon=True, name=f"distgen-rank{r}") for r in range(nproc)]
-        try:
-            for p in self.procs:
-                p.start()
-        finally:
-            if saved_threads is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved_threads
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+    commands: Any
+    events: Any
 
     def send(self, command) -> None:
         self.commands.put(command)
@@ -181,6 +166,27 @@ class LocalGroup:
             return self.events.get(timeout=timeout)
         except queue.Empty:
             return None
+
+
+class LocalGroup(QueueLink):
+    """A resident group of local processes (``--launcher spawn``): rank 0 reads the command queue
+    and every rank may report a failure on the event queue; the controller watches each process's
+    exit (its sentinel), so a killed rank is noticed at once, not after a collective times out."""
+
+    def __init__(self, job: Any, nproc: int, threads_per_rank: int | None = None):
+        self.job, self.nproc, self.threads_per_rank = job, nproc, threads_per_rank
+        ctx = mp.get_context("spawn")
+        self.commands, self.events = ctx.Queue(), ctx.Queue()
+        port = free_port()
+        self.procs = [ctx.Process(target=_resident_entry, args=(r, nproc, port, job, self.commands, self.events),
+                                  daemon=True, name=f"distgen-rank{r}") for r in range(nproc)]
+        with threads_for_children(threads_per_rank):
+            for p in self.procs:
+                p.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
     def dead(self) -> list[tuple[int, str]]:
         """(rank, how it ended) for every rank that is no longer running."""

@@ -270,6 +270,16 @@ def _reserve(nproc: int, deadline: float | None, placement_timeout_s: float):
     return pg, use_gpu
 
 
+def _local_ranks(where: list[dict]) -> tuple[list[int], dict[str, int]]:
+    """Each rank's index among the ranks on its node, and the ranks per node (LOCAL_RANK / LOCAL_WORLD_SIZE)."""
+    node_size: dict[str, int] = {}
+    local_ranks = []
+    for info in where:
+        local_ranks.append(node_size.get(info["node_id"], 0))
+        node_size[info["node_id"]] = local_ranks[-1] + 1
+    return local_ranks, node_size
+
+
 def run_on_ray(job: Any, nproc: int, address: str | None = None, timeout_s: float | None = None,
                env: dict[str, str] | None = None, placement_timeout_s: float = 60.0) -> Any:
     """Run ``job`` on ``nproc`` Ray actors (one per rank); return rank 0's result.
@@ -305,11 +315,7 @@ def run_on_ray(job: Any, nproc: int, address: str | None = None, timeout_s: floa
         where = _gather([a.describe.remote(rank == 0) for rank, a in enumerate(actors)], deadline,
                         "starting the actors", timeout_s)
         master_addr, master_port = where[0]["ip"], where[0]["port"]
-        node_size: dict[str, int] = {}
-        local_ranks = []
-        for info in where:
-            local_ranks.append(node_size.get(info["node_id"], 0))
-            node_size[info["node_id"]] = local_ranks[-1] + 1
+        local_ranks, node_size = _local_ranks(where)
         refs = [
             actor.run.remote(job, rank, nproc, master_addr, master_port, local_ranks[rank],
                              node_size[where[rank]["node_id"]])
@@ -429,11 +435,7 @@ class RayGroup:
                         "starting the actors", None)
         self.where = where
         master_addr, master_port = where[0]["ip"], where[0]["port"]
-        node_size: dict[str, int] = {}
-        local_ranks = []
-        for info in where:
-            local_ranks.append(node_size.get(info["node_id"], 0))
-            node_size[info["node_id"]] = local_ranks[-1] + 1
+        local_ranks, node_size = _local_ranks(where)
         self.refs = [actor.serve.remote(job, rank, nproc, master_addr, master_port, local_ranks[rank],
                                         node_size[where[rank]["node_id"]])
                      for rank, actor in enumerate(self.actors)]

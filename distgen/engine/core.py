@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 import logging
 import os
 import queue
@@ -86,6 +87,7 @@ class Handle:
                 return  # already answered (e.g. failed by the controller, then a late result)
             self.outcome = event
             self.finished_at = now
+            self.engine._answered(self)
         self._events.put(event)
         if self._loop is not None:
             try:
@@ -139,7 +141,8 @@ class Engine:
         self.state = "stopped"  # starting | ready | rebuilding | draining | stopped | failed
         self.group = None
         self.stats = _Stats()
-        self._handles: dict[str, Handle] = {}
+        self._handles: dict[str, Handle] = {}  # admitted and not yet answered
+        self._recent_seconds: deque[float] = deque(maxlen=16)  # admission to answer, for Retry-After
         self._lock = threading.RLock()
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
@@ -251,21 +254,16 @@ class Engine:
                     pass
         return True
 
-    def get(self, request_id: str) -> Handle | None:
-        return self._handles.get(request_id)
-
-    def forget(self, request_id: str) -> None:
-        """Drop a finished request's handle (jobs the server keeps for a while call this later)."""
+    def _answered(self, handle: Handle) -> None:
         with self._lock:
-            handle = self._handles.get(request_id)
-            if handle is not None and handle.done:
-                del self._handles[request_id]
+            self._handles.pop(handle.id, None)
+            self._recent_seconds.append(handle.finished_at - handle.created)
 
     def _retry_after(self) -> int:
-        durations = [h.finished_at - h.created for h in self._handles.values() if h.finished_at is not None]
-        if not durations:
+        """Seconds until a slot is likely free: the mean admission-to-answer time of recent requests."""
+        if not self._recent_seconds:
             return 1
-        return max(1, int(sum(durations[-16:]) / len(durations[-16:])))
+        return max(1, round(sum(self._recent_seconds) / len(self._recent_seconds)))
 
     def _unavailable_reason(self) -> str:
         if self.state == "starting":
@@ -396,7 +394,7 @@ class Engine:
             self.stats.last_failure = reason
             if self.state != "draining":
                 self.state = "rebuilding"  # before anyone hears of the failure: /health must not say ok
-            for handle in self._handles.values():
+            for handle in list(self._handles.values()):
                 if not handle.done and handle.started_at is not None:
                     handle._deliver(("error", 503, f"the worker group failed while running this request: {reason}"))
                     self.stats.failed += 1
@@ -408,7 +406,7 @@ class Engine:
         if fatal or self.stats.restarts > self.config.max_restarts or self.state == "draining":
             with self._lock:
                 self.state = "failed"
-                for handle in self._handles.values():
+                for handle in list(self._handles.values()):
                     if not handle.done:
                         handle._deliver(("error", 503, f"the worker group is down: {reason}"))
             self._ready.set()
@@ -421,7 +419,7 @@ class Engine:
             with self._lock:
                 self.state = "failed"
                 self.stats.last_failure = f"{reason}; rebuilding failed: {exc}"
-                for handle in self._handles.values():
+                for handle in list(self._handles.values()):
                     if not handle.done:
                         handle._deliver(("error", 503, f"the worker group is down: {self.stats.last_failure}"))
             self._ready.set()

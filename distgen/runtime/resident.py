@@ -20,7 +20,6 @@ command or None and ``put(event)``.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import queue
@@ -431,7 +430,3 @@ class QueueChannel:
 
     def put(self, event) -> None:
         self.events.put(event)
-
-
-def replace_request(request, **changes):
-    return dataclasses.replace(request, **changes)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import io
 import json
 import logging
+import os
 import time
 import uuid
 
@@ -31,6 +33,7 @@ from distgen.serve.service import RequestError, Service
 logger = logging.getLogger("distgen.serve")
 
 POLL_AFTER_MS = 1000
+KEEP_FINISHED_VIDEOS = 256  # finished jobs (and their MP4s) kept for GET; older ones are removed
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -284,7 +287,7 @@ def create_app(service: Service, engine: Engine, api_key: str | None = None,
     async def create_video(body: VideoBody):
         video_request = service.video_request(body.model_dump())
         job_id = f"video_{uuid.uuid4().hex[:24]}"
-        out = str((__import__("pathlib").Path(service.output_dir) / f"{job_id}.mp4"))
+        out = os.path.join(service.output_dir, f"{job_id}.mp4")
         try:
             handle = engine.submit("video", video_request, options={"out": out}, request_id=job_id)
         except QueueFull as exc:
@@ -293,6 +296,11 @@ def create_app(service: Service, engine: Engine, api_key: str | None = None,
             return _unavailable(exc)
         metrics.admitted("video")
         videos[job_id] = {"handle": handle, "request": video_request, "created": int(time.time()), "out": out}
+        finished = [k for k, v in videos.items() if v["handle"].done]
+        for old in finished[: max(0, len(finished) - KEEP_FINISHED_VIDEOS)]:  # oldest first (dicts keep order)
+            with contextlib.suppress(OSError):
+                os.remove(videos[old]["out"])
+            del videos[old]
         if body.timeout_s:
             asyncio.get_running_loop().call_later(body.timeout_s, handle.cancel)
         return JSONResponse(_video_view(job_id), headers=_poll_headers())
