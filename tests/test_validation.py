@@ -38,7 +38,9 @@ def test_height_not_divisible(capsys):
     err = _error(capsys, ["generate", "image", "--height", "100", "--parallel", "patch=2"])
     assert "--height 100 must be a multiple of 8" in err
     err = _error(capsys, ["generate", "image", "--width", "90"])
-    assert "--width 90 must be a multiple of 4" in err
+    assert "--width 90 must be a multiple of 8" in err and "StableDiffusionPipeline itself needs a multiple of 8" in err
+    err = _error(capsys, ["generate", "image", "--width", "100"])  # a multiple of the VAE x denoiser factor 4 only
+    assert "--width 100 must be a multiple of 8" in err
 
 
 def test_more_ranks_than_latent_rows(capsys):

@@ -100,15 +100,18 @@ def validate_geometry(info: PipelineInfo, request: ImageRequest, parallel: Paral
     patch = parallel.degree("patch")
     width_multiple = info.pixels_per_band_row()
     height_multiple = width_multiple * patch
+    why_width = f"VAE factor {info.vae_scale_factor} x denoiser factor {info.band_row_multiple}"
+    why_height = f"{why_width} x patch degree {patch}"
     if info.family in ("unet", "pixart"):
-        # their pipelines' own check_inputs require multiples of 8 whatever the VAE factor
-        width_multiple = math.lcm(width_multiple, 8)
-        height_multiple = math.lcm(height_multiple, 8)
+        # their pipelines' own check_inputs want multiples of 8, whatever the VAE factor
+        if width_multiple % 8:
+            width_multiple = math.lcm(width_multiple, 8)
+            why_width += f", and {info.pipeline_class} itself needs a multiple of 8"
+        if height_multiple % 8:
+            height_multiple = math.lcm(height_multiple, 8)
+            why_height += f", and {info.pipeline_class} itself needs a multiple of 8"
     if request.width % width_multiple:
-        raise ConfigError(
-            f"--width {request.width} must be a multiple of {width_multiple} for this model "
-            f"(VAE factor {info.vae_scale_factor} x denoiser factor {info.band_row_multiple})"
-        )
+        raise ConfigError(f"--width {request.width} must be a multiple of {width_multiple} for this model ({why_width})")
     latent_rows = request.height // info.vae_scale_factor
     if patch > 1 and latent_rows // info.band_row_multiple < patch:
         raise ConfigError(
@@ -119,7 +122,7 @@ def validate_geometry(info: PipelineInfo, request: ImageRequest, parallel: Paral
     if request.height % height_multiple:
         raise ConfigError(
             f"--height {request.height} must be a multiple of {height_multiple} for patch={patch} on this model "
-            f"(VAE factor {info.vae_scale_factor} x denoiser factor {info.band_row_multiple} x patch degree {patch})"
+            f"({why_height})"
         )
     if info.max_latent_size is not None:
         for name, value in (("height", request.height), ("width", request.width)):
