@@ -1,0 +1,7 @@
+"""``distgen plan`` (issue 18, in progress): pick the parallel plan from a cost model fitted on published
+measurements.
+
+- :mod:`distgen.planner.models`: model descriptions from configs (ops, FLOPs, bytes, heads, tokens).
+- :mod:`distgen.planner.hardware`: accelerators and links, peak numbers from the spec sheets.
+- :mod:`distgen.planner.catalog`: configs of the models the published measurements ran.
+"""
