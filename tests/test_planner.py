@@ -13,6 +13,8 @@ import pytest
 
 from distgen.config import ConfigError
 from distgen.planner import catalog
+from distgen.planner.costs import Comm, Env, Layout, diffusion_cost, diffusion_step, settle, text_cost
+from distgen.planner.factors import Factors
 from distgen.planner.hardware import ACCELERATORS, LINKS, accelerator, link
 from distgen.planner.models import describe_denoiser, describe_llm, model_kind
 
@@ -20,6 +22,12 @@ A100 = ACCELERATORS["a100-80gb"]
 NV3 = LINKS["nvlink3"]
 PIXART = catalog.DENOISERS["PixArt-alpha"]
 SDXL = catalog.DENOISERS["SDXL"]
+
+
+def _env(hw=A100, ln=NV3, **values) -> Env:
+    f = Factors()
+    f.values.update({k.replace("__", "."): v for k, v in values.items()})
+    return Env(hw, ln, f)
 
 
 def _pixart(res=1024):
@@ -127,3 +135,141 @@ def test_pipeline_directory_and_bad_configs(tmp_path):
         model_kind(tmp_path / "bad.json", "--model-config")
     with pytest.raises(ConfigError, match="does not exist"):
         model_kind(tmp_path / "missing", "--model")
+
+
+# ---------------------------------------------------------------------------- cost formulas by hand
+def test_comm_time_and_settle():
+    env = _env(alpha__nvlink__nccl=10e-6, eta__nvlink__nccl=0.5, overlap=1.0)
+    c = Comm("x", "all_reduce", 300e6, 3, NV3, "blocking", group=4)
+    assert c.seconds(env.factors) == pytest.approx(3 * 10e-6 + 300e6 / (300e9 * 0.5))
+    # async: hidden behind up to overlap x compute; the rest is exposed
+    step = settle(1e-3, [Comm("a", "all_gather", 600e6, 1, NV3, "async")], env.factors)
+    t = 10e-6 + 600e6 / 150e9
+    assert step.hidden_s == pytest.approx(1e-3) and step.exposed_s == pytest.approx(t - 1e-3)
+    # windowed: each call behind its own window
+    step = settle(0.0, [Comm("w", "p2p", 4 * 15e6, 4, NV3, "window", window_s=50e-6)], env.factors)
+    per = 10e-6 + 15e6 / 150e9
+    assert step.exposed_s == pytest.approx(4 * (per - 50e-6))
+    # an all-to-all across PCIe sockets (more than 4 ranks) uses its own efficiency
+    pcie = LINKS["pcie4"]
+    env2 = _env(eta__pcie__nccl=0.8, eta__pcie__a2a=0.1, alpha__pcie__nccl=0.0)
+    assert Comm("a", "all_to_all", 1e9, 1, pcie, "blocking", group=8).seconds(env2.factors) == \
+        pytest.approx(1e9 / (31.5e9 * 0.1))
+    assert Comm("a", "all_to_all", 1e9, 1, pcie, "blocking", group=4).seconds(env2.factors) == \
+        pytest.approx(1e9 / (31.5e9 * 0.8))
+
+
+def _attn_bytes(d, n, per_layer):
+    return sum(per_layer(op) for op in d.ops if op.kind == "attn")
+
+
+def test_cfg_and_patch_formulas():
+    d = _pixart(1024)
+    env = _env(op__dit=0.0)
+    one = diffusion_step(d, Layout(), env, True, False)
+    cfg = diffusion_step(d, Layout(cfg=2), env, True, False)
+    assert cfg.compute_s == pytest.approx(one.compute_s / 2)
+    gather = next(c for c in cfg.comms if c.what == "cfg output all_gather")
+    assert gather.sent_bytes == 128 * 128 * 8 * 2 * 1  # 1024 px latent of one sample, bf16 (out_channels 8)
+    n, dt, b = 4, 2, 2
+    disp = diffusion_step(d, Layout(patch=n), env, True, False)
+    kv = next(c for c in disp.comms if c.what == "self-attention K/V")
+    assert kv.sent_bytes == pytest.approx(28 * (n - 1) * 2 * (4096 / n) * 1152 * dt * b)
+    assert kv.mode == "async" and kv.calls == 28
+    sync = diffusion_step(d, Layout(patch=n, patch_mode="sync"), env, True, False)
+    assert all(c.mode == "blocking" for c in sync.comms) and sync.exposed_s > disp.exposed_s
+    warm = diffusion_step(d, Layout(patch=n), env, True, True)  # a warmup step of displaced waits like sync
+    assert warm.exposed_s == pytest.approx(sync.exposed_s)
+    part = diffusion_step(d, Layout(patch=n, patch_mode="partial", pcpp_fraction=0.3), env, True, False)
+    rows = next(c for c in part.comms if c.what == "partial K/V rows")
+    used = math.ceil(0.3 * 64 / n)  # rows of each neighbour band attended
+    assert rows.sent_bytes == pytest.approx(28 * 2 * used * 64 * 2 * 1152 * dt * b)
+    naive = diffusion_step(d, Layout(patch=n, patch_mode="naive"), env, True, False)
+    attn = sum(op.flops for op in d.ops if op.kind == "attn") * b
+    assert disp.compute_s - naive.compute_s == pytest.approx(
+        (attn / n - attn / n ** 2) / (A100.flops * env.factors["compute.dit"]))
+    assert [c.what for c in naive.comms] == ["patch output all_gather"]
+
+
+def test_sequence_parallel_formulas():
+    d = _pixart(1024)
+    env = _env()
+    n, dt, b = 4, 2, 2
+    uly = diffusion_step(d, Layout(sp=n), env, True, False)
+    a2a = next(c for c in uly.comms if c.op == "all_to_all")
+    shard = 4096 / n * 1152 * dt * b
+    assert a2a.sent_bytes == pytest.approx(28 * 4 * (n - 1) / n * shard) and a2a.mode == "blocking"
+    ring = diffusion_step(d, Layout(sp=n, sp_mode="ring"), env, True, False)
+    kv = next(c for c in ring.comms if c.what == "ring K/V blocks")
+    assert kv.sent_bytes == pytest.approx(28 * (n - 1) * 2 * (4096 / n) * 1152 * dt * b) and kv.mode == "window"
+    # README: ring moves N/2 times the bytes of ulysses (equal at N=2)
+    assert kv.sent_bytes / a2a.sent_bytes == pytest.approx(n / 2)
+
+
+def test_clip_formulas():
+    t2v = {"_class_name": "UNet3DConditionModel", "block_out_channels": [64, 128],
+           "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
+           "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"], "layers_per_block": 1, "attention_head_dim": 8,
+           "cross_attention_dim": 64}
+    d = describe_denoiser(t2v, 128, 128, 32, catalog.SD_VAE)
+    env = _env()
+    n, dt, b = 4, 2, 2
+    tattn = [op for op in d.ops if op.kind == "tattn"]
+    exact = diffusion_step(d, Layout(clip=n, clip_mode="exact"), env, True, False)
+    kv = next(c for c in exact.comms if c.what == "temporal K/V all_gather")
+    assert kv.sent_bytes == pytest.approx(sum((n - 1) * 2 * 8 * op.tokens * op.dim * dt * b for op in tattn))
+    dual = diffusion_step(d, Layout(clip=n, clip_mode="dual-scope", local_frames=4, global_frames=8), env, True, False)
+    local = next(c for c in dual.comms if c.what == "local window K/V")
+    glob = next(c for c in dual.comms if c.what == "global frames K/V")
+    assert local.sent_bytes == pytest.approx(sum(2 * 4 * op.tokens * 2 * op.dim * dt * b for op in tattn))
+    assert glob.sent_bytes == pytest.approx(sum((n - 1) * 2 * 2 * op.tokens * op.dim * dt * b for op in tattn))
+    naive = diffusion_step(d, Layout(clip=n, clip_mode="naive"), env, True, False)
+    assert [c.what for c in naive.comms] == ["clip output all_gather"]
+    assert naive.compute_s < dual.compute_s < exact.compute_s * 1.01
+
+
+def test_tensor_ladder_pipeline_expert_formulas():
+    l7 = describe_llm(catalog.LLMS["Llama-2-7B"])
+    env = _env(layer__llm=0.0, overlap=1.0, alpha__nvlink__nccl=20e-6, eta__nvlink__nccl=0.5, mem=0.5)
+    one = text_cost(l7, Layout(), env, batch=1, prompt=8, gen=2)
+    # batch-1 decode reads every weight once: bytes / (bandwidth x mem)
+    weights = (l7.params - l7.vocab * l7.hidden) + l7.vocab * l7.hidden  # embedding counted through the head
+    assert one.decode_step_s == pytest.approx(
+        (weights * 2 + 1 * (8 + 1) * l7.kv_bytes_per_token(2)) / (A100.mem_bw * 0.5), rel=0.02)
+    tp = text_cost(l7, Layout(tp=4), env, batch=1, prompt=8, gen=2)
+    ar = 20e-6 + 2 * 3 / 4 * 4096 * 2 / (300e9 * 0.5)  # one all-reduce of one token's hidden state
+    assert tp.decode_step_s - (one.decode_step_s / 4) == pytest.approx(64 * ar + (20e-6 * 2), rel=0.1)
+    ladder = text_cost(l7, Layout(tp=4, ladder=True), env, batch=1, prompt=8, gen=2)
+    assert ladder.decode_step_s < tp.decode_step_s and ladder.hidden_share > 0.5 and not ladder.exact
+    assert not text_cost(l7, Layout(tp=4, ladder=True), env, 1, 8, 2, ladder_checkpoint=False).feasible
+    # pp: a decode round is max(micro-batches, stages) stage times; one sequence gains nothing
+    pp = text_cost(l7, Layout(pp=4), env, batch=1, prompt=8, gen=2)
+    assert pp.decode_step_s == pytest.approx(one.decode_step_s, rel=0.05)
+    pp8 = text_cost(l7, Layout(pp=4), env, batch=8, prompt=8, gen=2)
+    one8 = text_cost(l7, Layout(), env, batch=8, prompt=8, gen=2)
+    assert pp8.memory["weights"] == pytest.approx(one8.memory["weights"] / 4, rel=0.1)
+    # ep: three all-to-alls per MoE layer; experts split over the ranks
+    mix = describe_llm(catalog.LLMS["Mixtral-8x7B"])
+    ep = text_cost(mix, Layout(ep=4), env, batch=4, prompt=8, gen=2)
+    assert ep.feasible and ep.memory["weights"] < text_cost(mix, Layout(), env, 4, 8, 2).memory["weights"] / 2
+    assert text_cost(l7, Layout(ep=2), env).reason.startswith("ep=2: LlamaForCausalLM is a dense model")
+
+
+def test_memory_and_feasibility():
+    env = _env()
+    d = _pixart(8192)
+    disp = diffusion_cost(d, Layout(patch=8), env, 20)
+    kv_full = 28 * 2 * 512 ** 2 * 1152 * 2 * 2  # every layer's K/V of the whole image (512^2 tokens), bf16, batch 2
+    assert disp.memory["exchange_buffers"] == pytest.approx(2 * kv_full / 1e9)
+    assert not disp.feasible and disp.reason.startswith("memory:")  # the published OOM
+    assert diffusion_cost(d, Layout(sp=8), env, 20).feasible
+    small = _pixart(1024)
+    assert "heads are not divisible by 3" in diffusion_cost(small, Layout(sp=3), env, 20).reason
+    assert diffusion_cost(small, Layout(sp=3, sp_mode="ring"), env, 20).feasible
+    assert "more ranks than bands" in diffusion_cost(describe_denoiser(PIXART, 64, 64), Layout(patch=8), env, 20).reason
+    assert "latent rows are not a multiple" in diffusion_cost(small, Layout(patch=3), env, 20).reason
+    assert "needs a DiT" in diffusion_cost(describe_denoiser(SDXL, 1024, 1024), Layout(sp=2), env, 20).reason
+    assert diffusion_cost(small, Layout(cfg=2), env, 20, guidance=False).reason == "cfg=2: guidance is off"
+    l70 = describe_llm(catalog.LLMS["Llama-3.1-70B"])
+    assert "KV heads 8" in text_cost(l70, Layout(tp=16), env).reason
+    assert text_cost(l70, Layout(tp=1), env).reason.startswith("memory: 14")
