@@ -6,13 +6,14 @@ Pure Python over JSON configs (no torch, no worker processes), except the one CL
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import pytest
 
 from distgen.config import ConfigError
-from distgen.planner import catalog, factors
+from distgen.planner import Request, catalog, factors, plan
 from distgen.planner.costs import Comm, Env, Layout, diffusion_cost, diffusion_step, settle, text_cost
 from distgen.planner.factors import Factors
 from distgen.planner.hardware import ACCELERATORS, LINKS, accelerator, link
@@ -364,3 +365,62 @@ def test_reversal_tp8_without_p2p_slower_than_tp4_for_llama70b():
     l70 = describe_llm(catalog.LLMS["Llama-3.1-70B"])
     tp4, tp8 = (text_cost(l70, Layout(tp=t), env, batch=1, prompt=1024, gen=512).latency_s for t in (4, 8))
     assert tp8 > tp4
+
+
+# ---------------------------------------------------------------------------- planning and the CLI
+def test_plan_json_ranked(tmp_path):
+    cfg = tmp_path / "pixart.json"
+    cfg.write_text(json.dumps(PIXART))
+    out = plan(None, str(cfg), 8, "a100-80gb", "nvlink", Request("image", 1024, 1024, 20))
+    plans = out["plans"]
+    feasible = [p for p in plans if p["feasible"]]
+    assert feasible and all(p["feasible"] for p in plans[:len(feasible)])
+    lat = [p["predicted_latency_s"] for p in feasible]
+    assert lat == sorted(lat)
+    first = plans[0]
+    for key in ("parallel", "feasible", "reason", "predicted_latency_s", "memory_per_gpu_gb",
+                "bytes_per_step_per_link", "communication_hidden_share", "options", "exact"):
+        assert key in first
+    assert {p["parallel"] for p in plans} >= {"patch=8", "sp=8", "cfg=2,patch=4", "cfg=2,sp=4"}
+    assert all(p["in_runtime"] for p in plans)  # PipeFusion / DiT tp only with --include-unimplemented
+    text = tmp_path / "llama.json"
+    text.write_text(json.dumps(catalog.LLMS["Llama-3.1-70B"]))
+    out = plan(None, str(text), 8, "h100", None, Request("text", batch=4))
+    top = out["plans"][0]
+    assert top["parallel"] == "tp=8" and top["ttft_s"] > 0 and top["decode_step_s"] > 0
+    assert any(p["options"].get("--ladder-layers") and not p["feasible"] for p in out["plans"])
+
+
+def test_plan_errors(tmp_path):
+    cfg = tmp_path / "pixart.json"
+    cfg.write_text(json.dumps(PIXART))
+    req = Request("image", 1024, 1024, 20)
+    with pytest.raises(ConfigError, match="--gpus must be a positive"):
+        plan(None, str(cfg), 0, "h100", None, req)
+    with pytest.raises(ConfigError, match="--hardware mi300x: unknown hardware; known:"):
+        plan(None, str(cfg), 2, "mi300x", None, req)
+    unet = tmp_path / "sdxl.json"
+    unet.write_text(json.dumps(SDXL))
+    with pytest.raises(ConfigError, match="--gpus 7: no plan can run this model on 7 GPUs: .*patch=7"):
+        plan(None, str(unet), 7, "h100", None, req)
+    with pytest.raises(ConfigError, match="--nodes 3"):
+        plan(None, str(cfg), 8, "h100", None, req, nodes=3, inter_node="ib-ndr")
+    with pytest.raises(ConfigError, match="--workload text: .* is a PixArtTransformer2DModel denoiser"):
+        plan(None, str(cfg), 2, "h100", None, Request("text"))
+
+
+def test_cli_parser_and_exit_code(tmp_path, capsys):
+    from distgen.cli.plan import register_plan
+
+    cfg = tmp_path / "pixart.json"
+    cfg.write_text(json.dumps(PIXART))
+    parser = argparse.ArgumentParser()
+    register_plan(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["plan", "--model-config", str(cfg), "--gpus", "2", "--hardware", "l40s", "--json"])
+    assert args.handler(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["interconnect"] == "pcie4" and out["plans"][0]["feasible"]
+    from distgen.cli import main
+
+    assert main(["plan", "--model-config", str(cfg), "--gpus", "2", "--hardware", "nope"]) == 2
+    assert "--hardware nope: unknown hardware" in capsys.readouterr().err

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in WORKLOAD_COMMANDS:
         importlib.import_module(module).register(generate_kinds, bench_kinds)
     importlib.import_module("distgen.cli.place").register_place(commands)  # distgen place (expert placement)
+    importlib.import_module("distgen.cli.plan").register_plan(commands)  # distgen plan (cost-model planner)
     serve = importlib.import_module("distgen.cli.serve")
     serve.register_serve(commands)  # distgen serve (HTTP API)
     serve.register_bench_serve(bench_kinds)  # distgen bench serve
