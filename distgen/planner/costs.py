@@ -321,6 +321,7 @@ def diffusion_step(desc: DiffusionDesc, layout: Layout, env: Env, guidance: bool
     p = layout.pcpp_fraction
     frames = desc.latent[0]
     stale_ok = not synchronous
+    sides = min(2, n - 1)  # neighbours of the slowest rank: an interior one from 3 ranks on
     extra_s = 0.0
     for op, k in op_groups(desc):
         f = op.flops * b * k
@@ -341,14 +342,14 @@ def diffusion_step(desc: DiffusionDesc, layout: Layout, env: Env, guidance: bool
                 if op.kind == "attn":
                     if mode == "partial" and stale_ok:
                         rows_used = math.ceil(p * op.rows / n)
-                        comms.add("partial K/V rows", "p2p", k * 2 * rows_used * cols * 2 * op.dim * dt * b, 2 * k,
-                                  link, async_mode)
+                        comms.add("partial K/V rows", "p2p", k * sides * rows_used * cols * 2 * op.dim * dt * b,
+                                  sides * k, link, async_mode)
                     else:
                         comms.add("self-attention K/V", "all_gather", k * (n - 1) * 2 * band_tokens * op.dim * dt * b,
                                   k, link, async_mode)
                 elif op.kind == "conv" and op.kernel > 1:
-                    comms.add("conv halo rows", "p2p", k * 2 * (op.kernel // 2) * cols * op.dim * dt * b, 2 * k, link,
-                              async_mode)
+                    comms.add("conv halo rows", "p2p", k * sides * (op.kernel // 2) * cols * op.dim * dt * b, sides * k,
+                              link, async_mode)
                 elif op.kind == "norm":
                     comms.add("GroupNorm statistics", "all_gather", k * (n - 1) * 2 * op.dim * GN_STAT_BYTES * b, k,
                               link, async_mode)
@@ -390,11 +391,11 @@ def diffusion_step(desc: DiffusionDesc, layout: Layout, env: Env, guidance: bool
             clip_frames = math.ceil(frames / n)
             cmode = "async" if layout.stale_context and stale_ok else "blocking"
             if op.kind == "tconv":
-                halo = 0 if mode == "naive" else 8  # four stacked k=3 convs: 4 frames a side, interior rank
+                halo = 0 if mode == "naive" else 4 * sides  # four stacked k=3 convs: 4 frames a side
                 flops += f * min(frames, clip_frames + halo) / frames
                 if op.name == "tconv0" and mode != "naive":
-                    comms.add("temporal conv halo frames", "p2p", k * 2 * 4 * op.tokens * op.dim * dt * b, 2 * k, link,
-                              cmode)
+                    comms.add("temporal conv halo frames", "p2p", k * sides * 4 * op.tokens * op.dim * dt * b, sides * k,
+                              link, cmode)
             elif op.kind == "tattn":
                 keys = {"exact": frames, "naive": clip_frames}.get(
                     mode, min(frames, clip_frames + 2 * layout.local_frames + layout.global_frames))
@@ -404,8 +405,8 @@ def diffusion_step(desc: DiffusionDesc, layout: Layout, env: Env, guidance: bool
                               k * (n - 1) * 2 * clip_frames * op.tokens * op.dim * dt * b, k, link, cmode)
                 elif mode == "dual-scope":
                     local = min(layout.local_frames, clip_frames)
-                    comms.add("local window K/V", "p2p", k * 2 * local * op.tokens * 2 * op.dim * dt * b, 2 * k, link,
-                              cmode)
+                    comms.add("local window K/V", "p2p", k * sides * local * op.tokens * 2 * op.dim * dt * b, sides * k,
+                              link, cmode)
                     g = min(layout.global_frames, frames)
                     comms.add("global frames K/V", "all_gather",
                               k * (n - 1) * 2 * math.ceil(g / n) * op.tokens * op.dim * dt * b, k, link, cmode)
