@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from distgen.cli.common import add_launch_arguments
@@ -193,10 +194,17 @@ def run_server(service, job, nproc: int, launcher: str, args, key: str | None) -
 
     print(f"distgen: serving {service.workload} model {service.name!r} ({service.model_dir}); loading on {nproc} "
           f"rank(s) ...", file=sys.stderr, flush=True)
+    # uvicorn handles SIGTERM / SIGINT while it serves (graceful shutdown: stop accepting, let open
+    # requests finish within --drain-timeout), then re-raises the signal to the handler it found:
+    # that must not kill us before the group is stopped and the exit code chosen.
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, frame: received.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         asyncio.run(main())
     finally:
         clean = engine.stop(drain_timeout_s=args.drain_timeout)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if engine.state == "failed":
         return 1
     with contextlib.suppress(Exception):
