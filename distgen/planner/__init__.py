@@ -65,12 +65,12 @@ def describe(model: str | None, model_config: str | None, request: Request):
         raise ConfigError("give one of --model DIR|NAME and --model-config FILE")
     option = "--model" if model is not None else "--model-config"
     path = model if model is not None else model_config
-    pipe = None
+    preset_size = None
     if model is not None:
         import os
 
         if not os.path.exists(model):
-            path = _embedded(model, request.workload)
+            path, preset_size = _embedded(model, request.workload)
     kind, config, pipe = models.model_kind(path, option)
     if request.workload == "text" and kind != "llm":
         raise ConfigError(f"--workload text: {path} is a {config.get('_class_name')} denoiser, not an LLM")
@@ -87,22 +87,28 @@ def describe(model: str | None, model_config: str | None, request: Request):
     scale = 2 ** (len((vae or {}).get("block_out_channels", (1, 1, 1, 1))) - 1)
     sample = config.get("sample_size") or 64
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    if isinstance(preset_size, int):  # an embedded model's own default size
+        sample, scale = preset_size, 1
+    elif isinstance(preset_size, tuple):
+        sample, scale = preset_size[1], 1
     height = request.height or int(sample) * scale
-    width = request.width or height
-    frames = (request.frames or int(config.get("video_length", 16) or 16)) if video else 1
+    width = request.width or (preset_size[2] if isinstance(preset_size, tuple) and not request.height else height)
+    default_frames = preset_size[0] if isinstance(preset_size, tuple) else int(config.get("video_length", 16) or 16)
+    frames = (request.frames or default_frames) if video else 1
     desc = models.describe_denoiser(config, height, width, frames, vae, pipe.text_encoder_params if pipe else None,
                                     option=option)
     return "diffusion", desc
 
 
-def _embedded(name: str, workload: str) -> str:
-    """The directory of an embedded model (distgen.models.presets), trying the workloads in turn."""
+def _embedded(name: str, workload: str):
+    """(directory, default size) of an embedded model (distgen.models.presets), trying the workloads in turn."""
     from distgen.models import presets
 
     order = [workload] if workload in presets.WORKLOADS else list(presets.WORKLOADS)
     for w in order:
         if name in presets.names(w):
-            return presets.resolve(w, name, name).directory
+            resolved = presets.resolve(w, name, name)
+            return resolved.directory, resolved.size
     known = ", ".join(n for w in order for n in presets.names(w))
     raise ConfigError(f"--model {name}: does not exist, and is not the name of an embedded model; give a pipeline or "
                       f"checkpoint directory, --model-config FILE, or one of: {known}")

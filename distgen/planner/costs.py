@@ -389,6 +389,9 @@ def diffusion_step(desc: DiffusionDesc, layout: Layout, env: Env, guidance: bool
         elif axis == "clip":
             mode = layout.clip_mode
             clip_frames = math.ceil(frames / n)
+            # the runtime's windows: +-min(local, smallest clip) frames, min(global, a quarter of the video) global
+            local = min(layout.local_frames, frames // n)
+            g = min(layout.global_frames, max(1, frames // 4))
             cmode = "async" if layout.stale_context and stale_ok else "blocking"
             if op.kind == "tconv":
                 halo = 0 if mode == "naive" else 4 * sides  # four stacked k=3 convs: 4 frames a side
@@ -397,17 +400,14 @@ def diffusion_step(desc: DiffusionDesc, layout: Layout, env: Env, guidance: bool
                     comms.add("temporal conv halo frames", "p2p", k * sides * 4 * op.tokens * op.dim * dt * b, sides * k,
                               link, cmode)
             elif op.kind == "tattn":
-                keys = {"exact": frames, "naive": clip_frames}.get(
-                    mode, min(frames, clip_frames + 2 * layout.local_frames + layout.global_frames))
+                keys = {"exact": frames, "naive": clip_frames}.get(mode, min(frames, clip_frames + sides * local + g))
                 flops += f / n * keys / frames
                 if mode == "exact":
                     comms.add("temporal K/V all_gather", "all_gather",
                               k * (n - 1) * 2 * clip_frames * op.tokens * op.dim * dt * b, k, link, cmode)
                 elif mode == "dual-scope":
-                    local = min(layout.local_frames, clip_frames)
                     comms.add("local window K/V", "p2p", k * sides * local * op.tokens * 2 * op.dim * dt * b, sides * k,
                               link, cmode)
-                    g = min(layout.global_frames, frames)
                     comms.add("global frames K/V", "all_gather",
                               k * (n - 1) * 2 * math.ceil(g / n) * op.tokens * op.dim * dt * b, k, link, cmode)
             else:
