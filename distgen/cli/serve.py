@@ -197,6 +197,13 @@ def run_server(service, job, nproc: int, launcher: str, args, key: str | None) -
     # uvicorn handles SIGTERM / SIGINT while it serves (graceful shutdown: stop accepting, let open
     # requests finish within --drain-timeout), then re-raises the signal to the handler it found:
     # that must not kill us before the group is stopped and the exit code chosen.
+    # Ray's driver installs a SIGTERM handler of its own that aborts the process: join (or start)
+    # Ray first, so that the handlers installed after it are the ones that run.
+    started_ray = False
+    if launcher == "ray":
+        from distgen.launch.ray import connect
+
+        started_ray = connect(args.ray_address, num_cpus=max(nproc, os.cpu_count() or 1))
     received: list[int] = []
     previous = {sig: signal.signal(sig, lambda s, frame: received.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -205,6 +212,10 @@ def run_server(service, job, nproc: int, launcher: str, args, key: str | None) -
         clean = engine.stop(drain_timeout_s=args.drain_timeout)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     if engine.state == "failed":
         return 1
     with contextlib.suppress(Exception):
