@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 
-.PHONY: install demo test test-serve bench clean
+.PHONY: install demo test test-serve bench bench-readme clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test-serve: install
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/distgen bench image --preset dit-bench --nproc 2 --parallel patch=2 \
 		--patch-mode displaced,sync,naive
+
+# every benchmark the README quotes, one after another; their tables in the README rewritten from
+# the JSON (kept in bench-results/), with date, machine and load. QUICK=1: toy sizes, to
+# bench-results/README.quick.md instead of the README
+bench-readme: install
+	$(BIN)/python -m distgen.bench.readme --readme README.md $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) *.egg-info demo.png
