@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 
-.PHONY: install demo test test-serve bench bench-readme clean
+.PHONY: install demo test test-serve test-readme bench bench-readme clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,12 @@ test: install
 test-serve: install
 	$(BIN)/python -m pytest -q -m serve
 
+# the README's runnable command blocks, as written, each in an empty scratch directory (run by .ci/run)
+test-readme: install
+	$(BIN)/python -m pytest -q -m readme tests/test_readme.py
+
 bench: install
-	OMP_NUM_THREADS=1 $(BIN)/distgen bench image --preset dit-bench --nproc 2 --parallel patch=2 \
+	OMP_NUM_THREADS=1 $(BIN)/distgen bench image --model dit-bench --nproc 2 --parallel patch=2 \
 		--patch-mode displaced,sync,naive
 
 # every benchmark the README quotes, one after another; their tables in the README rewritten from
