@@ -25,7 +25,7 @@ test: install
 
 # real `distgen serve` processes over HTTP, Ray placement on a two-node Ray (run by .ci/run)
 test-serve: install
-	$(BIN)/python -m pytest -q -m serve
+	$(BIN)/python -m pytest -q -m "serve and not slow"
 
 # the README's runnable command blocks, as written, each in an empty scratch directory (run by .ci/run)
 test-readme: install

@@ -82,6 +82,24 @@ def test_chat_and_completions_equal_one_shot_greedy(llama, tp2):
         assert ours.complete(prompt, model="tiny", max_tokens=10, temperature=0) == expected_completion
 
 
+@pytest.mark.parametrize("family,model_args", [
+    ("qwen2", None),  # tied embeddings, q/k/v biases; one rank
+    # the embedded SmolLM2-135M-Instruct: minutes on 2 cores, so `-m "serve and slow"`
+    pytest.param("smollm2", ["--model", "smollm2"], marks=pytest.mark.slow),
+])
+def test_chat_equals_one_shot_on_more_checkpoints(tmp_path, family, model_args):
+    from openai import OpenAI
+
+    model = str(save_chat_llama(tmp_path / family, family=family)) if model_args is None else "smollm2"
+    with Server(["--model", model, "--served-model-name", "m"]) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        for prompt in PROMPTS[:2]:
+            expected = one_shot(model, prompt, chat=True, max_tokens=12)
+            reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}],
+                                                   max_tokens=12, temperature=0)
+            assert reply.choices[0].message.content == expected
+
+
 def test_seeded_sampling_is_reproducible_and_stop_strings_cut(tp2):
     from openai import OpenAI
 
