@@ -440,3 +440,18 @@ def test_cli_parser_and_exit_code(tmp_path, capsys):
 
     assert main(["plan", "--model-config", str(cfg), "--gpus", "2", "--hardware", "nope"]) == 2
     assert "--hardware nope: unknown hardware" in capsys.readouterr().err
+
+
+def test_op_groups_are_never_another_models():
+    """The op-group cache is keyed by id(): an id freed and reused by another description (which made
+    test_clip_formulas fail in a long suite) must not hand back the first model's ops."""
+    from distgen.planner import costs
+
+    t2v = {"_class_name": "UNet3DConditionModel", "block_out_channels": [64, 128],
+           "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
+           "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"], "layers_per_block": 1, "attention_head_dim": 8,
+           "cross_attention_dim": 64}
+    video = describe_denoiser(t2v, 128, 128, 32, catalog.SD_VAE)
+    other = describe_denoiser(dict(t2v, block_out_channels=[32, 64]), 64, 64, 8, catalog.SD_VAE)
+    costs._GROUPS[id(video)] = (other, costs.op_groups(other))  # what a reused id would leave behind
+    assert [op for op, _ in costs.op_groups(video)] == list(dict.fromkeys(video.ops))

@@ -271,18 +271,20 @@ def _out_elems(desc: DiffusionDesc) -> float:
     return float(frames * rows * cols * int(desc.config.get("out_channels") or desc.config.get("in_channels", 4)))
 
 
-_GROUPS: dict[int, list[tuple[Op, int]]] = {}
+_GROUPS: dict[int, tuple[DiffusionDesc, list[tuple[Op, int]]]] = {}
 
 
 def op_groups(desc: DiffusionDesc) -> list[tuple[Op, int]]:
     """The denoiser's ops with identical ones merged: (op, how many)."""
-    key = id(desc)
-    if key not in _GROUPS:
+    # keyed by id, so the entry keeps its desc: an id is reused once a desc is freed, and another
+    # model's ops must never come back for it
+    entry = _GROUPS.get(id(desc))
+    if entry is None or entry[0] is not desc:
         counts: dict[Op, int] = {}
         for op in desc.ops:
             counts[op] = counts.get(op, 0) + 1
-        _GROUPS[key] = list(counts.items())
-    return _GROUPS[key]
+        entry = _GROUPS[id(desc)] = (desc, list(counts.items()))
+    return entry[1]
 
 
 class _Comms:
