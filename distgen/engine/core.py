@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections import deque
 import logging
 import os
@@ -11,7 +10,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from distgen.runtime.resident import ResidentJob, WorkItem
@@ -130,7 +129,6 @@ class _Stats:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
-    step_seconds: list = field(default_factory=list)  # per finished request: denoising steps
 
 
 class Engine:
@@ -147,7 +145,6 @@ class Engine:
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._counter = itertools.count()
         self.ranks_pids: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -423,10 +420,6 @@ class Engine:
                     if not handle.done:
                         handle._deliver(("error", 503, f"the worker group is down: {self.stats.last_failure}"))
             self._ready.set()
-
-
-def default_threads(nproc: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, nproc))
 
 
 def run_once(job: ResidentJob, nproc: int, launcher: str, kind: str, request: Any, options: dict | None = None,
