@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"distgen": ROOT / "distgen", "distgen.parallel": ROOT / "parallel", "distgen.launch": ROOT / "launch"}
 LAYERS = {
-    "cli": 6, "serve": 5, "bench": 5, "engine": 4, "workloads": 4, "launch": 3, "planner": 3, "runtime": 2,
+    "cli": 6, "cluster": 6, "serve": 5, "bench": 5, "engine": 4, "workloads": 4, "launch": 3, "planner": 3, "runtime": 2,
     "models": 1, "parallel": 1, "placement": 1, "comm": 0, "config": 0, "config_video": 0,
 }
 
