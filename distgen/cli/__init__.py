@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from distgen.config import ConfigError
 
 # Modules with a register(generate_kinds, bench_kinds) function, one per workload.
-WORKLOAD_COMMANDS: tuple[str, ...] = ("distgen.cli.image", "distgen.cli.text", "distgen.cli.video")
+WORKLOAD_COMMANDS: tuple[str, ...] = ("distgen.cli.image", "distgen.cli.text", "distgen.cli.video", "distgen.cli.comm")
 
 
 class _Parser(argparse.ArgumentParser):

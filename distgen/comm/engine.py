@@ -7,7 +7,8 @@ sent and every second spent waiting is accounted in one :class:`CommStats`.
 Three kinds of traffic:
 
 * **blocking collectives** (``all_gather``, ``all_reduce``) for values needed right now
-  (gathering output bands, CFG halves, synchronous steps);
+  (gathering output bands, CFG halves, synchronous steps), and ``all_reduce_async`` for sums
+  needed one sub-block later (tensor parallelism, Ladder Residual);
 * **stale slots** (``gather_now`` / ``stale`` / ``enqueue``): DistriFusion's displaced
   exchange. A slot is registered the first time a layer gathers it (shape, dtype); at the
   first ``enqueue`` the registered slots are laid out in execution order into static flat
@@ -146,8 +147,8 @@ class ExchangeEngine:
         self._buckets: list[_Bucket] | None = None
         self._halos: dict[str, _Halo] = {}
         self.timeout_s = timeout_s
-        # Small CPU all-gathers between ranks of one host go through shared memory (see
-        # distgen.comm.shm); opened at the first such gather, which every rank makes.
+        # Small CPU all-gathers, all-reduces and all-to-alls between ranks of one host go through shared
+        # memory (see distgen.comm.shm); opened at the first such collective, which every rank makes.
         # ``shared_memory``: None follows DISTGEN_SHM (default on where supported).
         wanted = shm.enabled() if shared_memory is None else shared_memory and shm.supported()
         self._shm = "unopened" if wanted and device.type == "cpu" and self.world > 1 else None
@@ -191,18 +192,33 @@ class ExchangeEngine:
         self._wait(dist.all_gather(out, tensor, group=self.group, async_op=True))
         return out
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the group (blocking, timed); returns a new tensor."""
-        if self.world == 1:
-            return tensor
-        out = tensor.contiguous().clone()
-        nbytes = out.numel() * out.element_size()
-        # Ring all-reduce moves about 2 (n-1)/n of the buffer each way.
+    def _account_reduce(self, nbytes: int) -> None:
+        # Ring all-reduce moves about 2 (n-1)/n of the buffer each way (counted alike on both transports).
         moved = 2 * nbytes * (self.world - 1) // self.world
         self.stats.current.bytes_sent += moved
         self.stats.current.bytes_recv += moved
         self.stats.current.collectives += 1
-        self._wait(dist.all_reduce(out, group=self.group, async_op=True))
+
+    def _shm_reduce(self, tensor: torch.Tensor, out: torch.Tensor) -> "shm.ShmReduce | None":
+        """Publish ``tensor`` for a same-host all-reduce into ``out``; None: use gloo (on every rank)."""
+        if tensor.device.type != "cpu" or self._channel() is None:
+            return None
+        t0 = time.perf_counter()
+        work = self._shm.all_reduce_start(tensor, out)  # may wait for a peer to read an old slot
+        self.stats.current.wait_s += time.perf_counter() - t0
+        return work
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the group (blocking, timed); returns a new tensor."""
+        if self.world == 1:
+            return tensor
+        self._account_reduce(tensor.numel() * tensor.element_size())
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        work = self._shm_reduce(tensor, out)  # same bits as gloo's ring (shm.ring_sum)
+        if work is None:
+            out.copy_(tensor)
+            work = dist.all_reduce(out, group=self.group, async_op=True)
+        self._wait(work)
         return out
 
     def gather(self, tensor: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
@@ -238,12 +254,12 @@ class ExchangeEngine:
             return Pending(self.stats, [], tensor)
         if not tensor.is_contiguous():
             raise ValueError("all_reduce_async needs a contiguous tensor (it reduces in place)")
-        nbytes = tensor.numel() * tensor.element_size()
-        moved = 2 * nbytes * (self.world - 1) // self.world
-        self.stats.current.bytes_sent += moved
-        self.stats.current.bytes_recv += moved
-        self.stats.current.collectives += 1
-        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        self._account_reduce(tensor.numel() * tensor.element_size())
+        # Same host: this rank's part is copied out now; wait() reads the others' and sums
+        # into ``tensor`` (so the call costs a copy, the sum happens where it is needed).
+        work = self._shm_reduce(tensor, tensor)
+        if work is None:
+            work = dist.all_reduce(tensor, group=self.group, async_op=True)
         return Pending(self.stats, [work], tensor)
 
     def all_to_all(
@@ -282,10 +298,16 @@ class ExchangeEngine:
                 current.sent_to[g] = current.sent_to.get(g, 0) + count * row_bytes
         current.bytes_recv += sum(c for i, c in enumerate(recv_counts) if i != self.rank) * row_bytes
         current.collectives += 1
-        work = dist.all_to_all_single(
-            out, tensor, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
-            group=self.group, async_op=True,
-        )
+        work = None
+        if tensor.device.type == "cpu" and self._channel() is not None:  # same host: rows move through /dev/shm
+            t0 = time.perf_counter()
+            work = self._shm.all_to_all_start(tensor, send_counts, recv_counts, out, self.group)
+            current.wait_s += time.perf_counter() - t0
+        if work is None:
+            work = dist.all_to_all_single(
+                out, tensor, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
+                group=self.group, async_op=True,
+            )
         pending = Pending(self.stats, [work], out, keepalive=(tensor,))
         return pending if async_op else pending.wait()
 
