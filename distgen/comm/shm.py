@@ -155,7 +155,7 @@ class ShmChannel:
             region = self._reduces[size] = self.region([size], depth=REDUCE_DEPTH) or False
         if not region:
             return None
-        return self._start(region, [tensor], ShmReduce(region, region.count + 1, tensor.dtype, tensor.numel(), out))
+        return self._start(region, tensor, ShmReduce(region, region.count + 1, tensor.dtype, tensor.numel(), out))
 
     def all_to_all_start(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int],
                          out: torch.Tensor, group) -> "ShmAllToAll | None":
@@ -175,16 +175,19 @@ class ShmChannel:
         work = ShmAllToAll(region, region.count + 1, tensor, list(send_counts), list(recv_counts), out, group)
         return self._start(region, [header, tensor if fits else None], work)
 
-    def _start(self, region: "ShmRegion", parts: list, work: "_ShmWork") -> "_ShmWork":
-        """Write ``parts`` as the region's next write (``work.n``) once every rank has read the
-        write whose slot it reuses, and queue ``work`` (completed in order by its ``wait()``)."""
+    def _start(self, region: "ShmRegion", parts, work: "_ShmWork") -> "_ShmWork":
+        """Write ``parts`` (a list, or one tensor as part 0) as the region's next write
+        (``work.n``) once every rank has read the write whose slot it reuses, and queue ``work``
+        (completed in order by its ``wait()``)."""
         n = work.n
         if n > region.depth:  # write n reuses write n - depth's slot
-            for old in list(region.outstanding):
-                if old.n <= n - region.depth:
-                    old.wait()
-            region.wait_read(range(self.world), n - region.depth)
-        region.write(parts)
+            while region.outstanding and region.outstanding[0].n <= n - region.depth:
+                region.outstanding[0].wait()
+            region.wait_read(region.everyone, n - region.depth)
+        if isinstance(parts, torch.Tensor):
+            region.write_tensor(parts)
+        else:
+            region.write(parts)
         region.outstanding.append(work)
         return work
 
@@ -214,7 +217,9 @@ class ShmRegion:
         self._data = torch.frombuffer(mapped, dtype=torch.uint8, offset=2 * _LINE * world,
                                       count=depth * world * slot).view(depth, world, slot)
         self.count = 0
-        self.outstanding: list[ShmReduce] = []  # this rank's all-reduces not yet read, oldest first
+        self.everyone = range(world)
+        self.outstanding: list[_ShmWork] = []  # this rank's exchanges not yet read, oldest first
+        self._typed: dict[tuple, list[list[torch.Tensor]]] = {}
         self.path = ""  # the /dev/shm name it had (unlinked once every rank mapped it)
 
     def write(self, parts: list[torch.Tensor | None]) -> int:
@@ -232,9 +237,33 @@ class ShmRegion:
         self._published[self.rank] = self.count  # after the data: stores stay in order on x86-64
         return self.count
 
+    def typed(self, dtype: torch.dtype, numel: int, part: int = 0) -> list[list[torch.Tensor]]:
+        """1-D views of ``numel`` elements at the start of ``part``, [slot][rank] (kept: reading
+        a decode-sized all-reduce must not cost a dozen view ops)."""
+        key = (dtype, numel, part)
+        views = self._typed.get(key)
+        if views is None:
+            if len(self._typed) >= 64:
+                self._typed.clear()
+            start, nbytes = self.offsets[part], numel * dtype.itemsize
+            views = self._typed[key] = [[self._data[s, r, start:start + nbytes].view(dtype) for r in range(self.world)]
+                                        for s in range(self.depth)]
+        return views
+
+    def write_tensor(self, tensor: torch.Tensor) -> int:
+        """:meth:`write` of one tensor as part 0, through the cached views."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > self.sizes[0]:
+            raise ValueError(f"shm region: part 0 of {nbytes} bytes exceeds its {self.sizes[0]} bytes")
+        self.count += 1
+        slot = self.typed(tensor.dtype, tensor.numel())[self.count % self.depth][self.rank]
+        (slot if tensor.dim() == 1 else slot.view(tensor.shape)).copy_(tensor)
+        self._published[self.rank] = self.count  # after the data: stores stay in order on x86-64
+        return self.count
+
     def wait(self, ranks, n: int) -> None:
         """Until every rank in ``ranks`` has published its write ``n``."""
-        self._wait_for(self._published, list(ranks), n, "did not arrive")
+        self._wait_for(self._published, ranks, n, "did not arrive")
 
     def mark_read(self, n: int) -> None:
         """This rank has finished reading every rank's writes up to ``n`` (in-order reads)."""
@@ -242,10 +271,10 @@ class ShmRegion:
 
     def wait_read(self, ranks, n: int) -> None:
         """Until every rank in ``ranks`` has finished reading the writes up to ``n``."""
-        self._wait_for(self._read, list(ranks), n, "did not read it")
+        self._wait_for(self._read, ranks, n, "did not read it")
 
-    def _wait_for(self, counters: np.ndarray, ranks: list[int], n: int, what: str) -> None:
-        if all(int(counters[r]) >= n for r in ranks):
+    def _wait_for(self, counters: np.ndarray, ranks, n: int, what: str) -> None:
+        if all(counters[r] >= n for r in ranks):
             return
         start = time.perf_counter()
         while True:
@@ -273,7 +302,7 @@ class ShmRegion:
     def close(self) -> None:
         self._data = None
         self._published = self._read = None
-        self.outstanding = []
+        self.outstanding, self._typed = [], {}
         try:
             self._map.close()
         except BufferError:  # a view still alive: the mapping goes with it
@@ -293,7 +322,7 @@ class _ShmWork:
         region = self.region
         while not self.done:
             oldest = region.outstanding[0]
-            region.wait(range(region.world), oldest.n)
+            region.wait(region.everyone, oldest.n)
             oldest._finish()
             region.mark_read(oldest.n)
             region.outstanding.pop(0)
@@ -313,8 +342,7 @@ class ShmReduce(_ShmWork):
 
     def _finish(self) -> None:
         region = self.region
-        parts = [region.read(r, self.n, 0, self.dtype, (self.numel,)) for r in range(region.world)]
-        ring_sum(parts, self.out.view(-1))
+        ring_sum(region.typed(self.dtype, self.numel)[self.n % region.depth], self.out.view(-1))
 
 
 class ShmAllToAll(_ShmWork):
