@@ -13,9 +13,10 @@ def sts(index, h=H_NEW, nodes=2, pods_uids="", restarts=0, deleting=False):
     return {"metadata": meta, "spec": {"replicas": nodes}}
 
 
-def pod(group, ordinal, phase="Running", ready=True, restarts=0, uid=None, deleting=False, leader_label=True):
+def pod(group, ordinal, phase="Running", ready=True, restarts=0, uid=None, deleting=False, leader_label=True,
+        h=H_NEW):
     name = f"s-{group}-{ordinal}"
-    meta = {"name": name, "uid": uid or f"uid-{name}", "labels": {}}
+    meta = {"name": name, "uid": uid or f"uid-{name}", "labels": {D.LABEL_HASH: h}}
     if ordinal == 0 and leader_label:
         meta["labels"][D.LABEL_ROLE] = "leader"
     if deleting:
@@ -51,6 +52,14 @@ def test_uids_recorded_once_all_pods_exist_and_leader_labelled():
     assert state(0, pod(0, 0), pod(0, 1)).record_uids == ["uid-s-0-0", "uid-s-0-1"]
     assert state(0, pod(0, 0), pod(0, 1), pods_uids=uids(0)).record_uids is None
     assert state(0, pod(0, 0, leader_label=False), pod(0, 1)).unlabeled_leader == "s-0-0"
+
+
+def test_pods_of_an_old_template_make_the_group_outdated():
+    """An operator stopped between updating a group's template and deleting its pods: the group is
+    outdated still, so the next reconcile replaces it (rather than calling it updated)."""
+    g = state(0, pod(0, 0, h=H_OLD), pod(0, 1, h=H_OLD), pods_uids=uids(0))
+    assert g.hash == H_OLD and g.phase == "Ready"
+    assert [type(a) for a in X.decide([g], H_NEW, 1, 0, 1)] == [X.Recreate]
 
 
 def ready(index, h=H_NEW):

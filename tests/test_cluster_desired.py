@@ -33,7 +33,7 @@ def test_group_statefulset():
     assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["DISTGEN_API_KEY"] == {"secretKeyRef": {"name": "llama-api-key", "key": "key"}}
     assert env["DISTGEN_SERVE_ARGS"]["configMapKeyRef"]["name"] == D.configmap_name("llama", D.spec_hash(spec()))
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": 8}}
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "8"}}  # quantities as strings
     assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] == 1800
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(render_yaml())
         return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # kopf logs every handler's success at INFO; our own Events and log lines say what happened
+    logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     from kubernetes import config

@@ -43,7 +43,8 @@ def _object_schema(cls) -> dict:
         key = S.camel(f.name)
         schema = _schema_of(hints[f.name], f.metadata.get("help", ""), f.metadata.get("schema"))
         if f.default is not dataclasses.MISSING:
-            if f.default is not None:
+            # (an empty-string default is left to the operator: 1.20's apiserver reads it as null)
+            if f.default is not None and f.default != "":
                 schema["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             value = S.to_dict(f.default_factory())

@@ -72,6 +72,12 @@ def group_state(sts: dict, pods: list[dict]) -> GroupState:
     if any(p["metadata"].get("deletionTimestamp") for p in pods):
         g.phase = "Recreating"
         return g
+    # the template was updated but some pods still run the old one (an operator stopped between the
+    # two steps of a replacement): the group counts as outdated, so the replacement is done again
+    stale = [(p["metadata"].get("labels") or {}).get(D.LABEL_HASH) for p in pods]
+    stale = [h for h in stale if h and h != g.hash]
+    if stale:
+        g.hash = stale[0]
     recorded = set(filter(None, annotations.get(D.ANNOTATION_PODS, "").split(",")))
     for p in pods:
         name, st = p["metadata"]["name"], p.get("status") or {}

@@ -204,7 +204,8 @@ def statefulset(name: str, namespace: str, index: int, spec: S.DistgenServiceSpe
         # supervisor's (200 while its Ray worker / torchrun node runs), see distgen.cluster.pod
         "startupProbe": {**health, "failureThreshold": max(1, probes.startup_timeout_seconds // probes.period_seconds)},
         "readinessProbe": {**health, "failureThreshold": 3},
-        "resources": {k: v for k, v in (("limits", spec.resources.limits), ("requests", spec.resources.requests)) if v},
+        "resources": {k: {r: str(q) for r, q in v.items()} for k, v in (("limits", spec.resources.limits),
+                                                                           ("requests", spec.resources.requests)) if v},
         "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, *mounts],
     }
     pod_spec = {

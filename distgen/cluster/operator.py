@@ -62,7 +62,8 @@ class Cluster:
 
     def patch_status(self, namespace: str, name: str, status: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(S.GROUP, S.VERSION, namespace, S.PLURAL, name,
-                                                          {"status": status})
+                                                          {"status": _without_empty_strings(status)},
+                                                          _preload_content=False)
 
     def list(self, kind: str, namespace: str, selector: str) -> list[dict]:
         call = {"pods": self.core.list_namespaced_pod, "statefulsets": self.apps.list_namespaced_stateful_set,
@@ -86,7 +87,7 @@ class Cluster:
                 ("v1", "Secret"): self.core.create_namespaced_secret,
                 ("apps/v1", "StatefulSet"): self.apps.create_namespaced_stateful_set}[obj["apiVersion"], obj["kind"]]
         try:
-            call(ns, obj)
+            call(ns, obj, _preload_content=False)
             return True
         except ApiException as exc:
             if exc.status == 409:
@@ -97,18 +98,18 @@ class Cluster:
         call = {"Service": self.core.delete_namespaced_service, "ConfigMap": self.core.delete_namespaced_config_map,
                 "StatefulSet": self.apps.delete_namespaced_stateful_set, "Pod": self.core.delete_namespaced_pod}[kind]
         try:
-            call(name, namespace, propagation_policy="Background")
+            call(name, namespace, propagation_policy="Background", _preload_content=False)
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     def delete_pods(self, namespace: str, selector: str) -> None:
-        self.core.delete_collection_namespaced_pod(namespace, label_selector=selector)
+        self.core.delete_collection_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
 
     def json_patch(self, kind: str, namespace: str, name: str, ops: list[dict]) -> None:
         call = {"StatefulSet": self.apps.patch_namespaced_stateful_set, "Pod": self.core.patch_namespaced_pod,
                 "Service": self.core.patch_namespaced_service}[kind]
-        call(name, namespace, ops)  # a list body: application/json-patch+json
+        call(name, namespace, ops, _preload_content=False)  # a list body: application/json-patch+json
 
     def event(self, obj: dict, type_: str, reason: str, message: str) -> None:
         meta = obj["metadata"]
@@ -121,9 +122,19 @@ class Cluster:
             reason=reason, message=message[:1024], type=type_, first_timestamp=now, last_timestamp=now, count=1,
             source=client.V1EventSource(component="distgen-operator"), reporting_component="distgen-operator")
         try:
-            self.core.create_namespaced_event(meta["namespace"], body)
+            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
         except ApiException as exc:  # an event is never worth failing a reconcile over
             log.warning("could not post event %s: %s", reason, exc.reason)
+
+
+def _without_empty_strings(value):
+    """1.20's API server reads an empty string in a custom resource as null (and rejects it as not a
+    string): leave such fields out."""
+    if isinstance(value, dict):
+        return {k: _without_empty_strings(v) for k, v in value.items() if v != ""}
+    if isinstance(value, list):
+        return [_without_empty_strings(v) for v in value]
+    return value
 
 
 def owner_reference(obj: dict) -> dict:
@@ -249,12 +260,13 @@ def reconcile(obj: dict, cluster: Cluster | None = None) -> dict:
     for g in after:
         if g.ready and was.get(g.name) != "Ready":
             cluster.event(obj, "Normal", "GroupReady", f"group {g.name} is ready (leader {g.leader}, spec {g.hash})")
-    if {k: v for k, v in old.items() if k in status} != status:
+    if {k: v for k, v in old.items() if k in status} != _without_empty_strings(status):
         before = {c["type"]: c["status"] for c in previous}
         for c in status["conditions"]:
             if before.get(c["type"]) not in (None, c["status"]) or (c["type"] == "Ready" and c["status"] == "True"
                                                                      and before.get("Ready") != "True"):
-                cluster.event(obj, "Normal" if (c["type"] != "Degraded") == (c["status"] == "True") else "Warning",
+                bad = (c["type"], c["status"]) in (("Ready", "False"), ("Degraded", "True"))
+                cluster.event(obj, "Warning" if bad else "Normal",
                               f"{c['type']}{c['status']}", f"{c['type']}={c['status']} ({c['reason']}): {c['message']}")
         cluster.patch_status(ns, name, status)
     return status
@@ -298,7 +310,7 @@ def reconcile_named(namespace: str, name: str, cluster: Cluster | None = None) -
 
 
 @kopf.on.startup()
-def _configure(settings: kopf.OperatorSettings, **_) -> None:
+def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=f"operator.{S.GROUP}")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=f"operator.{S.GROUP}")
     settings.posting.level = logging.WARNING  # our own Events say what happens; not kopf's per-handler ones
@@ -309,12 +321,12 @@ def _configure(settings: kopf.OperatorSettings, **_) -> None:
 @kopf.on.resume(S.GROUP, S.VERSION, S.PLURAL)
 @kopf.on.create(S.GROUP, S.VERSION, S.PLURAL)
 @kopf.on.update(S.GROUP, S.VERSION, S.PLURAL)
-def _on_object(namespace: str, name: str, **_) -> None:
+def reconcile_on_change(namespace: str, name: str, **_) -> None:
     reconcile_named(namespace, name)
 
 
 @kopf.timer(S.GROUP, S.VERSION, S.PLURAL, interval=TIMER_INTERVAL_S, idle=5)
-def _on_timer(namespace: str, name: str, **_) -> None:
+def reconcile_on_timer(namespace: str, name: str, **_) -> None:
     reconcile_named(namespace, name)
 
 
@@ -323,7 +335,7 @@ _CHILD_LABELS = {D.MANAGED_BY[0]: D.MANAGED_BY[1]}
 
 @kopf.on.event("apps", "v1", "statefulsets", labels=_CHILD_LABELS)
 @kopf.on.event("v1", "pods", labels={D.LABEL_SERVICE: kopf.PRESENT, D.LABEL_GROUP: kopf.PRESENT})
-def _on_child(body, namespace: str, **_) -> None:
+def reconcile_on_child(body, namespace: str, **_) -> None:
     owner = (body.get("metadata", {}).get("labels") or {}).get(D.LABEL_SERVICE)
     if owner:
         reconcile_named(namespace, owner)
