@@ -74,3 +74,9 @@ def test_pixart_layout_reuses_the_vae_and_loads(trained, tmp_path):
     image = pipe("two blue stars", height=64, width=64, num_inference_steps=2, use_resolution_binning=False,
                  clean_caption=False, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_rendering_workers_give_the_same_data():
+    one, captions = train_image.render_data(5, 24, 32, workers=1)
+    many, captions_many = train_image.render_data(5, 24, 32, workers=2)
+    assert torch.equal(one, many) and captions == captions_many

@@ -130,8 +130,25 @@ def parameters(module) -> int:
 
 
 # ------------------------------------------------------------------------------------------- data
-def render_data(seed: int, count: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    images, captions = scenes.dataset(seed, count, resolution)
+def _render_chunk(job: tuple[int, int, int, int]):
+    seed, start, count, resolution = job
+    return scenes.dataset(seed, count, resolution, start=start)
+
+
+def render_data(seed: int, count: int, resolution: int, workers: int = 1) -> tuple[torch.Tensor, list[str]]:
+    """Scenes 0..count-1 of ``seed`` as uint8 (count, 3, H, W); ``workers`` processes render chunks (each scene
+    depends only on (seed, index), so the result is the same for any number of workers)."""
+    if workers <= 1:
+        images, captions = scenes.dataset(seed, count, resolution)
+    else:
+        import multiprocessing
+
+        chunk = -(-count // (4 * workers))
+        jobs = [(seed, start, min(chunk, count - start), resolution) for start in range(0, count, chunk)]
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_render_chunk, jobs)
+        images = np.concatenate([p[0] for p in parts])
+        captions = [c for p in parts for c in p[1]]
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
 
 
@@ -385,6 +402,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the scenes (same data for any number)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample", type=int, default=4, help="after saving, generate this many images from fixed "
                    "captions into DIR/samples.png and score them with the checker (0: skip)")
@@ -424,7 +442,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     t0 = time.perf_counter()
-    images, captions = render_data(args.seed, args.images, args.resolution)
+    images, captions = render_data(args.seed, args.images, args.resolution, args.workers)
     tokenizer = scenes.build_tokenizer(MAX_TOKENS)
     ids, mask = tokenize(tokenizer, captions, MAX_TOKENS)
     empty = tuple(x[0] for x in tokenize(tokenizer, [""], MAX_TOKENS))
