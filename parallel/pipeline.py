@@ -162,16 +162,16 @@ class PipelineSchedule:
             else:
                 payload = h[None]
             self._sends[m] = [self.engine.exchange({self.stage + 1: payload}, {}, tag=ACTIVATION_TAG)]
-            rows = tokens.shape[0]
+            rows = ctx.rows  # one sampled token per sequence (a slot batch is one flat chunk of many)
             buf = torch.empty(rows, dtype=torch.long, device=self.device)
             self._token_recv[m] = self.feedback.exchange({}, {self.stages - 1: buf}, tag=TOKENS_TAG)
             if self.keep_logits and self.first:
-                shape = (rows, tokens.shape[1] if all_logits else 1, self.model.config.vocab_size)
+                shape = (rows, h.shape[1] if all_logits else 1, self.model.config.vocab_size)
                 buf = torch.empty(shape, dtype=torch.float32, device=self.device)
                 self._logit_recv[m] = self.feedback.exchange({}, {self.stages - 1: buf}, tag=LOGITS_TAG)
             return
         h = join_residual(h, attn_out, mlp_out)
-        logits = self.model.head(h if all_logits else h[:, -1:])
+        logits = self.model.head(h if all_logits else ctx.last_positions(h))
         chosen = sample(m, logits[:, -1])
         self._tokens[m] = chosen
         sends = [self.feedback.exchange({s: chosen for s in range(self.stages - 1)}, {}, tag=TOKENS_TAG)]

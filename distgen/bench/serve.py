@@ -54,8 +54,13 @@ def _requests(args) -> list[dict]:
     for i in range(args.requests):
         topic = TOPICS[i % len(TOPICS)]
         if args.workload == "text":
-            bodies.append({"messages": [{"role": "user", "content": f"Write one sentence about {topic} (#{i})."}],
-                           "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True})
+            # mixed lengths (seeded): output uniform in max_tokens x [1 - spread, 1 + spread], and 0..4 extra
+            # sentences of prompt (about 12 tokens each)
+            spread = args.length_spread
+            tokens = max(1, round(args.max_tokens * rng.uniform(1 - spread, 1 + spread)))
+            extra = " ".join(f"Mention {TOPICS[(i + k) % len(TOPICS)]} too." for k in range(rng.randrange(5) if spread else 0))
+            bodies.append({"messages": [{"role": "user", "content": f"Write one sentence about {topic} (#{i}). {extra}".strip()}],
+                           "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
         elif args.workload == "image":
             size = args.sizes[i % len(args.sizes)]
             bodies.append({"prompt": f"{topic}, detailed", "size": f"{size}x{size}", "steps": args.steps,
@@ -167,10 +172,6 @@ def _one_shot(args, body: dict, tmp: str, index: int) -> float:
 
 
 def bench_serve(args) -> dict:
-    import httpx
-
-    from distgen.launch.local import free_port
-
     if args.requests < 1:
         raise ConfigError(f"--requests must be >= 1, got {args.requests}")
     if args.rate <= 0:
@@ -181,12 +182,61 @@ def bench_serve(args) -> dict:
         args.sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--sizes must be a comma list of pixel sizes, e.g. 64,128, got {args.sizes!r}") from None
+    modes = [m.strip() for m in (args.compare or "").split(",") if m.strip()]
+    if modes and args.workload != "text":
+        raise ConfigError("--compare: batching modes are for --workload text")
+    from distgen.runtime.continuous import BATCHING_MODES
+
+    for mode in modes:
+        if mode not in BATCHING_MODES:
+            raise ConfigError(f"--compare: unknown batching mode {mode!r}; allowed: {', '.join(BATCHING_MODES)}")
+    bodies = _requests(args)
+    runs = {}
+    for mode in modes or [None]:
+        extra = [] if mode is None else ["--batching", mode]
+        runs[mode] = _serve_and_drive(args, bodies, extra)
+    startup, model, resident, log_name = runs[modes[0] if modes else None]
+    report = {"workload": args.workload, "model": model, "parallel": args.parallel or "none",
+              "requests": args.requests, "rate_per_s": args.rate, "seed": args.seed,
+              "server_startup_seconds": startup, "resident": resident, "server_log": log_name}
+    if args.workload == "text":
+        report["lengths"] = (f"max_tokens uniform in {args.max_tokens} x [{1 - args.length_spread:g}, "
+                             f"{1 + args.length_spread:g}]; prompts with 0-4 extra sentences (uniform), seed {args.seed}")
+    if modes:
+        report["modes"] = {mode: run[2] | {"server_startup_seconds": run[0], "server_log": run[3]}
+                           for mode, run in runs.items()}
+        if set(modes) == set(BATCHING_MODES):
+            c, r = report["modes"]["continuous"], report["modes"]["request-level"]
+            report["continuous_over_request_level"] = {
+                "output_tokens_per_s": c["output_tokens_per_s"] / max(r["output_tokens_per_s"], 1e-9),
+                "ttft_p99_s": [c["time_to_first_token_s"]["p99"], r["time_to_first_token_s"]["p99"]]}
+        args.oneshot_requests = 0 if args.oneshot_requests == 4 else args.oneshot_requests  # default off here
+    if args.oneshot_requests:
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds = [_one_shot(args, body, tmp, i) for i, body in enumerate(bodies[: args.oneshot_requests])]
+        report["one_shot"] = {
+            "requests": len(seconds), "latency_s": _percentiles(seconds),
+            "throughput_requests_per_s": len(seconds) / sum(seconds),
+            "note": "one `distgen generate` process per request, run one after another (start-up and model load "
+                    "included each time); the first --oneshot-requests of the same requests",
+        }
+        report["resident_over_one_shot_throughput"] = (resident["throughput_requests_per_s"]
+                                                       / report["one_shot"]["throughput_requests_per_s"])
+    return report
+
+
+def _serve_and_drive(args, bodies: list[dict], extra: list[str]) -> tuple[float, str, dict, str]:
+    """Start a server (its own ranks), drive the requests at it, stop it: (startup s, model id, report, log)."""
+    import httpx
+
+    from distgen.launch.local import free_port
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_rank))
     log = tempfile.NamedTemporaryFile("w+", prefix="distgen-bench-serve-", suffix=".log", delete=False)
     started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "distgen", "serve", *_server_args(args, port)],
+    server = subprocess.Popen([sys.executable, "-m", "distgen", "serve", *_server_args(args, port), *extra],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         while True:
@@ -203,7 +253,6 @@ def bench_serve(args) -> dict:
             time.sleep(0.3)
         startup = time.perf_counter() - started
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        bodies = _requests(args)
         resident = asyncio.run(_drive(url, model, bodies, args))
     finally:
         server.terminate()
@@ -211,18 +260,4 @@ def bench_serve(args) -> dict:
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
-    report = {"workload": args.workload, "model": model, "parallel": args.parallel or "none",
-              "requests": args.requests, "rate_per_s": args.rate, "seed": args.seed,
-              "server_startup_seconds": startup, "resident": resident, "server_log": log.name}
-    if args.oneshot_requests:
-        with tempfile.TemporaryDirectory() as tmp:
-            seconds = [_one_shot(args, body, tmp, i) for i, body in enumerate(bodies[: args.oneshot_requests])]
-        report["one_shot"] = {
-            "requests": len(seconds), "latency_s": _percentiles(seconds),
-            "throughput_requests_per_s": len(seconds) / sum(seconds),
-            "note": "one `distgen generate` process per request, run one after another (start-up and model load "
-                    "included each time); the first --oneshot-requests of the same requests",
-        }
-        report["resident_over_one_shot_throughput"] = (resident["throughput_requests_per_s"]
-                                                       / report["one_shot"]["throughput_requests_per_s"])
-    return report
+    return startup, model, resident, log.name

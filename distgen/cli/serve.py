@@ -34,7 +34,16 @@ def register_serve(commands) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", default=None, help="file holding the API key (or set DISTGEN_API_KEY)")
     p.add_argument("--max-queued", type=int, default=64, help="requests waiting or running at once; more get 429")
-    p.add_argument("--max-batch-size", type=int, default=8, help="image requests of one shape run together, up to this")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="image requests of one shape run together, up to this (text: with --batching request-level)")
+    p.add_argument("--batching", default="continuous",
+                   help="text: continuous (requests join and leave the running batch every step, on a slot KV cache) "
+                        "or request-level (one request at a time)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="text, continuous: cache slots (sequences at once)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="text, continuous: tokens per step (decodes first, prompt chunks fill the rest)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="text, continuous: positions per slot, prompt + new tokens (default: min(context, 2048))")
     p.add_argument("--max-restarts", type=int, default=3, help="group rebuilds after a rank dies, before giving up")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM: seconds to finish what runs")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
@@ -65,7 +74,11 @@ def register_bench_serve(bench_kinds) -> None:
     b.add_argument("--requests", type=int, default=32)
     b.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second (Poisson)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--max-tokens", type=int, default=32, help="text: tokens per request (EOS ignored)")
+    b.add_argument("--max-tokens", type=int, default=32, help="text: mean tokens per request (EOS ignored)")
+    b.add_argument("--length-spread", type=float, default=0.0,
+                   help="text: output lengths uniform in max-tokens x [1-s, 1+s], and prompts of mixed length (0: all equal)")
+    b.add_argument("--compare", default=None,
+                   help="text: batching modes to run in turn on the same requests (continuous,request-level)")
     b.add_argument("--steps", type=int, default=8, help="image / video: denoising steps")
     b.add_argument("--sizes", default="64,128", help="image: comma list of sizes, alternated over requests")
     b.add_argument("--frames", type=int, default=8, help="video: frames per request")
@@ -121,7 +134,8 @@ def prepare_service(args):
         nproc=nproc, dtype=args.dtype, patch_mode=args.patch_mode, sp_mode=args.sp_mode,
         warmup_steps=args.warmup_steps, clip_mode=args.clip_mode, stale_context=args.stale_context,
         ladder_layers=args.ladder_layers, comm_timeout=args.comm_timeout, max_batch_size=args.max_batch_size,
-        max_pixels=args.max_pixels, max_steps=args.max_steps, max_frames=args.max_frames, output_dir=args.output_dir,
+        batching=args.batching, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, max_pixels=args.max_pixels, max_steps=args.max_steps, max_frames=args.max_frames, output_dir=args.output_dir,
     )
     return Service(options, nproc), nproc, key
 
@@ -179,8 +193,16 @@ def run_server(service, job, nproc: int, launcher: str, args, key: str | None) -
             while engine.state in ("starting",) and not server.should_exit:
                 await asyncio.sleep(0.2)
             if engine.state == "ready":
+                batching = ""
+                if service.continuous is not None:
+                    c, m = service.continuous, service.checkpoint.config
+                    size = 2 if service.options.dtype in ("fp16", "bf16") else 4
+                    cache = c.max_num_seqs * c.max_model_len * m.num_layers * 2 * m.num_kv_heads * m.head_dim * size
+                    batching = (f", continuous batching: {c.max_num_seqs} slots x {c.max_model_len} positions "
+                                f"({cache / 2**20:.0f} MiB of KV cache over all ranks), "
+                                f"{c.max_num_batched_tokens} tokens per step")
                 print(f"distgen: ready: {service.workload} model {service.name!r} on {nproc} rank(s) "
-                      f"({launcher}, parallel {service.parallel}) at http://{args.host}:{args.port}/v1",
+                      f"({launcher}, parallel {service.parallel}{batching}) at http://{args.host}:{args.port}/v1",
                       file=sys.stderr, flush=True)
 
         # Starting the group may block (Ray placement): not on the event loop.

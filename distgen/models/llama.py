@@ -289,6 +289,153 @@ class ForwardContext:
             found = self._masks[window] = found[:, None]
         return found
 
+    @property
+    def rows(self) -> int:
+        """Sequences in this forward (one sampled token each)."""
+        return self.cos.shape[0]
+
+    def last_positions(self, h: torch.Tensor) -> torch.Tensor:
+        """(rows, 1, hidden): the hidden state each row samples its next token from."""
+        return h[:, -1:]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        """Write this chunk's keys/values into the cache, attend over everything before: (batch, heads, chunk, dim)."""
+        keys, values = self.cache.update(layer, k, v, self.start)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask(window),
+                                              enable_gqa=q.shape[1] != keys.shape[1])
+
+
+class SlotKVCache:
+    """Static key/value buffers per layer, one slot per running sequence: (slots, kv heads, max length,
+    head dim). A sequence owns its slot from admission to its last token; positions are its own
+    (no padding between sequences). A paged cache would put a block table where the slot index is."""
+
+    def __init__(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]):
+        self.keys, self.values = keys, values
+
+    @property
+    def slots(self) -> int:
+        return next(iter(self.keys.values())).shape[0] if self.keys else 0
+
+    @property
+    def max_len(self) -> int:
+        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's tokens in a slot-batched forward: ``length`` tokens at positions
+    [start, start + length) of slot ``slot`` (length 1: a decoding step; more: a prefill chunk)."""
+
+    slot: int
+    start: int
+    length: int
+
+
+class SlotContext:
+    """One forward over the tokens of several sequences, each in its own cache slot (iteration-level
+    batching). The tokens of all sequences are one flat chunk (batch 1), so every token-wise op
+    (projections, MLP, experts) runs once over all of them; attention runs per sequence against its
+    slot: every one-token (decoding) segment together, with a mask over each row's own length, and
+    each prefill chunk on its own. Decoding segments come first."""
+
+    def __init__(self, segments: list[Segment], cache: SlotKVCache, cos: torch.Tensor, sin: torch.Tensor):
+        self.segments, self.cache, self.cos, self.sin = segments, cache, cos, sin
+        self.decoding = 0
+        while self.decoding < len(segments) and segments[self.decoding].length == 1:
+            self.decoding += 1
+        device = cos.device
+        decoding = segments[:self.decoding]
+        self._slots = torch.tensor([s.slot for s in decoding], dtype=torch.long, device=device)
+        self._positions = torch.tensor([s.start for s in decoding], dtype=torch.long, device=device)
+        # the decoding slots as one contiguous range when they are (then the cache is read as a view)
+        first = decoding[0].slot if decoding else 0
+        self._slot_range = (first, first + len(decoding)) if all(
+            s.slot == first + i for i, s in enumerate(decoding)) else None
+        self._key_len = max((s.start + 1 for s in decoding), default=0)
+        ends, at = [], 0
+        for s in segments:
+            at += s.length
+            ends.append(at - 1)
+        self._ends = torch.tensor(ends, dtype=torch.long, device=device)
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, model: "CausalLM", segments: list[Segment], cache: SlotKVCache, dtype: torch.dtype) -> "SlotContext":
+        device = next(iter(cache.keys.values())).device if cache.keys else torch.device("cpu")
+        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(device)
+        cos, sin = model.rope(positions[None], dtype)
+        return cls(segments, cache, cos, sin)
+
+    @property
+    def rows(self) -> int:
+        return len(self.segments)
+
+    @property
+    def tokens(self) -> int:
+        return self.cos.shape[1]
+
+    def last_positions(self, h: torch.Tensor) -> torch.Tensor:
+        return h[0, self._ends][:, None]
+
+    def _mask(self, key: tuple, build) -> torch.Tensor:
+        found = self._masks.get(key)
+        if found is None:
+            found = self._masks[key] = build()
+        return found
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        outs = []
+        d = self.decoding
+        gqa = q.shape[1] != keys.shape[1]
+        if d:
+            # in-place writes at each row's own position, then one attention over the rows' slots
+            keys[self._slots, :, self._positions] = k[0, :, :d].transpose(0, 1)
+            values[self._slots, :, self._positions] = v[0, :, :d].transpose(0, 1)
+            length = self._key_len
+            if self._slot_range is not None:
+                lo, hi = self._slot_range
+                row_keys, row_values = keys[lo:hi, :, :length], values[lo:hi, :, :length]
+            else:
+                row_keys, row_values = keys[self._slots, :, :length], values[self._slots, :, :length]
+
+            def decode_mask():
+                index = torch.arange(length, device=q.device)[None, :]
+                allowed = index <= self._positions[:, None]
+                if window:
+                    allowed &= index > self._positions[:, None] - window
+                return allowed[:, None, None, :]
+
+            mask = self._mask(("decode", window), decode_mask)
+            out = F.scaled_dot_product_attention(q[0, :, :d].transpose(0, 1)[:, :, None], row_keys, row_values,
+                                                 attn_mask=mask, enable_gqa=gqa)
+            outs.append(out[:, :, 0].transpose(0, 1)[None])
+        at = d
+        for index in range(d, len(self.segments)):
+            s = self.segments[index]
+            stop = s.start + s.length
+            keys[s.slot, :, s.start:stop] = k[0, :, at:at + s.length]
+            values[s.slot, :, s.start:stop] = v[0, :, at:at + s.length]
+
+            def chunk_mask(s=s, stop=stop):
+                query = torch.arange(s.start, stop, device=q.device)[:, None]
+                index = torch.arange(stop, device=q.device)[None, :]
+                allowed = index <= query
+                if window:
+                    allowed &= index > query - window
+                return allowed[None, None]
+
+            mask = self._mask((index, window), chunk_mask)
+            outs.append(F.scaled_dot_product_attention(q[:, :, at:at + s.length], keys[s.slot:s.slot + 1, :, :stop],
+                                                       values[s.slot:s.slot + 1, :, :stop], attn_mask=mask,
+                                                       enable_gqa=gqa))
+            at += s.length
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
 
 class Attention(nn.Module):
     def __init__(self, config: TextModelConfig, layer: int):
@@ -307,7 +454,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: "ForwardContext | SlotContext") -> torch.Tensor:
         batch, chunk, _ = x.shape
         # Head counts come from the projections, so a sharded copy (fewer heads) runs as is.
         q = self.q_proj(x).view(batch, chunk, -1, self.head_dim)
@@ -319,10 +466,7 @@ class Attention(nn.Module):
         cos, sin = ctx.cos[:, None], ctx.sin[:, None]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        keys, values = ctx.cache.update(self.layer, k, v, ctx.start)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=ctx.mask(self.sliding_window), enable_gqa=q.shape[1] != keys.shape[1]
-        )
+        out = ctx.attend(self.layer, q, k, v, self.sliding_window)
         return self.o_proj(out.transpose(1, 2).reshape(batch, chunk, -1))
 
 
@@ -442,7 +586,7 @@ class CausalLM(nn.Module):
         """Whole model on one stage: logits of the last position, or of every position."""
         h, attn_out, mlp_out = self.run_layers(self.embed(tokens), None, None, ctx)
         h = join_residual(h, attn_out, mlp_out)
-        return self.head(h if all_logits else h[:, -1:])
+        return self.head(h if all_logits else ctx.last_positions(h))
 
     # -- decoding state ---------------------------------------------------------------------
     def allocate_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> KVCache:
@@ -455,6 +599,17 @@ class CausalLM(nn.Module):
             keys[index] = torch.zeros(shape, dtype=dtype, device=device)
             values[index] = torch.zeros(shape, dtype=dtype, device=device)
         return KVCache(keys, values)
+
+    def allocate_slot_cache(self, slots: int, max_len: int, dtype: torch.dtype, device: torch.device) -> SlotKVCache:
+        """Per layer of this stage: ``slots`` sequences x ``max_len`` positions of this rank's key/value heads."""
+        keys, values = {}, {}
+        for index in self.layer_indices:
+            attn = self.model.layers[str(index)].self_attn
+            shape = (slots, attn.k_proj.out_features // attn.head_dim, max_len, attn.head_dim)
+            # zeros, not empty: masked positions are still multiplied (by 0) in attention, so no NaN may sit there
+            keys[index] = torch.zeros(shape, dtype=dtype, device=device)
+            values[index] = torch.zeros(shape, dtype=dtype, device=device)
+        return SlotKVCache(keys, values)
 
     def context(self, positions: torch.Tensor, start: int, key_valid: torch.Tensor, cache: KVCache,
                 dtype: torch.dtype) -> ForwardContext:

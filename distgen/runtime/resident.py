@@ -74,6 +74,8 @@ class ResidentJob:
     workload: str  # image | video | text
     base: Any  # ImageJob / VideoJob / TextJob: model, parallel, dtype and modes
     max_batch_size: int = 8
+    # text: iteration-level batching on a slot cache (distgen.runtime.continuous); None: request-level
+    continuous: Any = None
 
     @property
     def parallel(self):
@@ -206,14 +208,18 @@ class _Control:
 
 def serve_group(job: ResidentJob, ctx, channel=None) -> None:
     """Every rank: build the workload's runner once, then run the leader's plans until stop."""
-    leader = _Leader(channel, Scheduler(job.max_batch_size)) if ctx.rank == 0 else None
     control = _Control(ctx, job.comm_timeout_s)
     try:
         runner = _build_runner(job, ctx)
     except BaseException as exc:
-        if leader is not None:
-            leader.emit("fatal", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        if ctx.rank == 0:
+            channel.put(("fatal", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise
+    if job.workload == "text" and job.continuous is not None:
+        from distgen.runtime.continuous import serve_continuous
+
+        return serve_continuous(job, ctx, channel, control, runner.generator)
+    leader = _Leader(channel, Scheduler(job.max_batch_size)) if ctx.rank == 0 else None
     if leader is not None:
         leader.emit("ready", {"pid": os.getpid(), "world_size": ctx.world_size})
     while True:

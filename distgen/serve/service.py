@@ -46,6 +46,11 @@ class ServeOptions:
     ladder_layers: int | None = None
     comm_timeout: float = 300.0
     max_batch_size: int = 8
+    # text: continuous (iteration-level) batching on a slot cache, or request-level
+    batching: str = "continuous"
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
     max_pixels: int = 2048 * 2048
     max_steps: int = 200
     max_frames: int = 1024
@@ -104,6 +109,7 @@ class Service:
         if options.max_batch_size < 1:
             raise ConfigError(f"--max-batch-size must be >= 1, got {options.max_batch_size}")
         self.output_dir = options.output_dir
+        self.continuous = None  # text: the slot cache's limits (ContinuousConfig) when batching continuously
         getattr(self, f"_init_{self.workload}")()
 
     # ------------------------------------------------------------------ group job
@@ -167,11 +173,21 @@ class Service:
                             dtype=self.options.dtype, ladder_layers=self.options.ladder_layers,
                             comm_timeout_s=self.options.comm_timeout)
         check_job(self.base, self.checkpoint, self.nproc)
+        from distgen.runtime.continuous import BATCHING_MODES, ContinuousConfig
+
+        self.continuous = None
+        if self.options.batching not in BATCHING_MODES:
+            raise ConfigError(f"--batching: unknown mode {self.options.batching!r}; allowed: {', '.join(BATCHING_MODES)}")
+        if self.options.batching == "continuous":
+            self.continuous = ContinuousConfig(self.options.max_num_seqs, self.options.max_num_batched_tokens,
+                                               self.options.max_model_len).validate(self.context)
+            self.context = self.continuous.max_model_len  # a request must fit in one slot
 
     def resident_job(self):
         from distgen.runtime.resident import ResidentJob
 
-        return ResidentJob(workload=self.workload, base=self.base, max_batch_size=self.options.max_batch_size)
+        return ResidentJob(workload=self.workload, base=self.base, max_batch_size=self.options.max_batch_size,
+                           continuous=self.continuous)
 
     # ------------------------------------------------------------------ shared checks
 
@@ -351,17 +367,19 @@ class Service:
             raise RequestError(f"this server serves a {self.workload} model; text needs a language model",
                                param="model", status=404, code="model_not_found")
         n = body.get("n") or 1
-        if not 1 <= n <= self.options.max_batch_size:
-            raise RequestError(f"n must be between 1 and {self.options.max_batch_size}, got {n}", param="n")
+        most = self.continuous.max_num_seqs if self.continuous is not None else self.options.max_batch_size
+        if not 1 <= n <= most:
+            raise RequestError(f"n must be between 1 and {most}, got {n}", param="n")
         room = self.context - len(prompt_ids)
         if room < 1:
             raise RequestError(f"the prompt is {len(prompt_ids)} tokens; this model's context is {self.context} "
-                               f"tokens", param="messages" if "messages" in body else "prompt")
+                               f"tokens{self._context_note}", param="messages" if "messages" in body else "prompt")
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         max_tokens = min(256, room) if max_tokens is None else max_tokens
         if max_tokens < 1 or max_tokens > room:
             raise RequestError(f"max_tokens {max_tokens}: the {len(prompt_ids)}-token prompt leaves room for at most "
-                               f"{room} new tokens in this model's context of {self.context}", param="max_tokens")
+                               f"{room} new tokens in this model's context of {self.context}{self._context_note}",
+                               param="max_tokens")
         temperature = body.get("temperature")
         temperature = 1.0 if temperature is None else float(temperature)
         if not 0.0 <= temperature <= 2.0:
@@ -374,6 +392,10 @@ class Service:
         return TextRequest(prompt_ids=(tuple(prompt_ids),) * n, max_new_tokens=int(max_tokens),
                            temperature=temperature, top_p=top_p, seed=0 if seed is None else int(seed),
                            eos_token_ids=() if body.get("ignore_eos") else self.eos, pad_token_id=self.pad)
+
+    @property
+    def _context_note(self) -> str:
+        return " (the server's --max-model-len)" if self.continuous is not None else ""
 
     def stop_strings(self, body: dict) -> list[str]:
         stop = body.get("stop")
