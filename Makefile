@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 
-.PHONY: install demo test test-serve test-readme bench bench-readme clean
+.PHONY: install demo test test-serve test-readme test-k8s bench bench-readme clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-serve: install
 # the README's runnable command blocks, as written, each in an empty scratch directory (run by .ci/run)
 test-readme: install
 	$(BIN)/python -m pytest -q -m readme tests/test_readme.py
+
+# the Kubernetes operator against a real API server (cluster/testenv: Kubernetes 1.20.2 binaries from
+# $$DISTGEN_K8S_BIN, the cache, ../shared/k8s or built from Debian's source; etcd from Debian), run by .ci/run
+test-k8s: install
+	$(BIN)/python -c "import kopf, kubernetes" 2>/dev/null || $(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[k8s]'
+	$(BIN)/python -m pytest -q -m k8s tests/test_cluster_k8s.py
 
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/distgen bench image --model dit-bench --nproc 2 --parallel patch=2 \

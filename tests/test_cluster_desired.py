@@ -88,3 +88,4 @@ def test_pod_commands_torchrun():
         assert cmd[cmd.index("--node-rank") + 1] == str(rank) and cmd[cmd.index("--nnodes") + 1] == "2"
         assert cmd[cmd.index("--master-addr") + 1] == "g-0-0.g-0"
         assert cmd[cmd.index("--launcher") + 1] == "torchrun"
+        assert "--nproc" not in cmd  # torchrun's WORLD_SIZE (and its parser would choke on it)

@@ -28,6 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ADMIN_TOKEN = "distgen-test-admin-token"
+# a user with no groups: the tests bind it to cluster/deploy/rbac.yaml's ClusterRole only, and run the
+# operator as it (so the RBAC is checked to be enough)
+OPERATOR_TOKEN, OPERATOR_USER = "distgen-test-operator-token", "distgen-operator"
 # components that reconcile nothing the tests need (or want a kubelet heartbeat: nodelifecycle would
 # taint the fake nodes unreachable after 40 s)
 DISABLED_CONTROLLERS = ("nodelifecycle", "nodeipam", "cloud-node-lifecycle", "route", "service", "attachdetach",
@@ -63,6 +66,7 @@ class ControlPlane:
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = str(self.dir / "kubeconfig")
+        self.operator_kubeconfig = str(self.dir / "kubeconfig.operator")
 
     # ------------------------------------------------------------------ processes
 
@@ -99,7 +103,8 @@ class ControlPlane:
         key, pub = self.dir / "sa.key", self.dir / "sa.pub"
         subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
         subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True)
-        (self.dir / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,admin,"system:masters"\n')
+        (self.dir / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,admin,"system:masters"\n'
+                                             f'{OPERATOR_TOKEN},{OPERATOR_USER},{OPERATOR_USER}\n')
         certs = self.dir / "certs"
         self._wait("etcd", lambda: urllib.request.urlopen(f"http://127.0.0.1:{etcd_port}/health", timeout=2), 30)
         self._start("kube-apiserver", [
@@ -120,7 +125,8 @@ class ControlPlane:
             return urllib.request.urlopen(req, timeout=2, context=context).status == 200
 
         self._wait("kube-apiserver", ready, 90)
-        self.write_kubeconfig()
+        self.write_kubeconfig(self.kubeconfig, ADMIN_TOKEN)
+        self.write_kubeconfig(self.operator_kubeconfig, OPERATOR_TOKEN)
         disabled = ",".join(f"-{c}" for c in DISABLED_CONTROLLERS)
         self._start("kube-controller-manager", [
             str(self.bin / "kube-controller-manager"), f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
@@ -135,13 +141,13 @@ class ControlPlane:
                 raise RuntimeError(f"{name} exited:\n{self.log(name)}")
         return self
 
-    def write_kubeconfig(self) -> None:
+    def write_kubeconfig(self, path: str, token: str) -> None:
         config = {"apiVersion": "v1", "kind": "Config", "current-context": "test",
                   "clusters": [{"name": "test", "cluster": {"server": self.url, "insecure-skip-tls-verify": True}}],
-                  "users": [{"name": "admin", "user": {"token": ADMIN_TOKEN}}],
+                  "users": [{"name": "admin", "user": {"token": token}}],
                   "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin",
                                                             "namespace": "default"}}]}
-        Path(self.kubeconfig).write_text(json.dumps(config))
+        Path(path).write_text(json.dumps(config))
 
     def stop(self) -> None:
         for name in reversed(list(self.procs)):

@@ -44,6 +44,12 @@ def commands(env: dict[str, str]) -> list[list[str]]:
     py = sys.executable
     distgen_serve = ["-m", "distgen", "serve", *serve, "--host", ip]
     if launcher == "torchrun":
+        # torchrun's WORLD_SIZE gives the ranks; and its parser would take --nproc for an ambiguous
+        # abbreviation of its own --nproc-per-node, even after the module name
+        if "--nproc" in serve:
+            i = serve.index("--nproc")
+            del serve[i:i + 2]
+        distgen_serve = ["-m", "distgen", "serve", *serve, "--host", ip]
         return [[py, "-m", "torch.distributed.run", "--nnodes", nnodes, "--node-rank", str(rank),
                  "--nproc-per-node", nproc, "--master-addr", leader, "--master-port", env.get("MASTER_PORT", "29500"),
                  "--max-restarts", "0", *distgen_serve, "--launcher", "torchrun"]]
