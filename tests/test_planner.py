@@ -455,3 +455,43 @@ def test_op_groups_are_never_another_models():
     other = describe_denoiser(dict(t2v, block_out_channels=[32, 64]), 64, 64, 8, catalog.SD_VAE)
     costs._GROUPS[id(video)] = (other, costs.op_groups(other))  # what a reused id would leave behind
     assert [op for op, _ in costs.op_groups(video)] == list(dict.fromkeys(video.ops))
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory):
+    from distgen.models.tiny_llm import save_chat_llama
+
+    return str(save_chat_llama(tmp_path_factory.mktemp("auto") / "llama"))
+
+
+def test_parallel_auto_picks_the_top_runnable_plan_and_sets_its_options(capsys, tiny_llm_dir):
+    """--parallel auto: the planner's best feasible, runnable, non-baseline plan for the ranks given."""
+    import argparse
+
+    from distgen.planner import Request, plan
+    from distgen.workloads import resolve_auto_parallel
+
+    args = argparse.Namespace(parallel="auto", nproc=2, patch_mode="displaced", pcpp_fraction=0.3)
+    resolve_auto_parallel(args, "image", "tiny-sd", height=128, width=128, steps=20)
+    ranked = [p for p in plan("tiny-sd", None, 2, "cpu", None, Request("image", height=128, width=128))["plans"]
+              if p["feasible"] and p["in_runtime"] and "naive" not in p["options"].values()]
+    assert args.parallel == ranked[0]["parallel"] and args.parallel != "auto"
+    for flag, value in ranked[0]["options"].items():
+        assert str(getattr(args, flag[2:].replace("-", "_"))) == str(value)
+    assert "--parallel auto on 2 rank(s) of cpu" in capsys.readouterr().err
+    text = argparse.Namespace(parallel="auto", nproc=2, ladder_layers=None)
+    resolve_auto_parallel(text, "text", tiny_llm_dir, batch=1, gen_len=16)
+    assert text.parallel in ("pp=2", "tp=2") and text.ladder_layers is None  # not a ladder checkpoint
+    untouched = argparse.Namespace(parallel="tp=2", nproc=2)
+    resolve_auto_parallel(untouched, "text", tiny_llm_dir)
+    assert untouched.parallel == "tp=2"
+
+
+def test_parallel_auto_says_why_when_nothing_fits(tiny_llm_dir):
+    import argparse
+
+    from distgen.workloads import resolve_auto_parallel
+
+    with pytest.raises(ConfigError, match="--parallel auto: --gpus 64: no plan can run this model on 64 GPUs: tp=64: must "
+                                          "divide the attention heads 4"):
+        resolve_auto_parallel(argparse.Namespace(parallel="auto", nproc=64), "text", tiny_llm_dir, batch=1)

@@ -128,6 +128,8 @@ def prepare_service(args):
         raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.parallel == "auto":
+        _auto_parallel(args)
     nproc = resolve_nproc(args, ParallelConfig.parse(args.parallel))
     options = ServeOptions(
         model=args.model, workload=args.workload, served_model_name=args.served_model_name, parallel=args.parallel,
@@ -138,6 +140,21 @@ def prepare_service(args):
         max_model_len=args.max_model_len, max_pixels=args.max_pixels, max_steps=args.max_steps, max_frames=args.max_frames, output_dir=args.output_dir,
     )
     return Service(options, nproc), nproc, key
+
+
+def _auto_parallel(args) -> None:
+    """--parallel auto: plan for the served workload at its default request size."""
+    from distgen.serve.service import ServeOptions, resolve_model_for_serving
+    from distgen.workloads import resolve_auto_parallel
+
+    directory, workload, _, size = resolve_model_for_serving(ServeOptions(model=args.model, workload=args.workload))
+    if workload == "image":
+        request = {"height": size, "width": size} if isinstance(size, int) else {}
+    elif workload == "video":
+        request = dict(zip(("frames", "height", "width"), size)) if isinstance(size, tuple) else {}
+    else:
+        request = {"batch": args.max_num_seqs if args.batching == "continuous" else 1}
+    resolve_auto_parallel(args, workload, directory, **request)
 
 
 def serve(args) -> int:

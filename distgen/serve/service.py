@@ -74,7 +74,7 @@ def detect_workload(model_dir: str) -> str:
                       f"causal-LM checkpoint (config.json)")
 
 
-def _resolve_model(options: ServeOptions) -> tuple[str, str, str, object]:
+def resolve_model_for_serving(options: ServeOptions) -> tuple[str, str, str, object]:
     """(directory, workload, served name): a directory (its workload read from it unless
     --workload says), or an embedded model's name (distgen.models.presets), default SmolLM2."""
     from distgen.models import presets
@@ -103,7 +103,7 @@ class Service:
     def __init__(self, options: ServeOptions, nproc: int):
         self.options = options
         # preset_size: an embedded model's default size (image side, or video (frames, height, width))
-        self.model_dir, self.workload, self.name, self.preset_size = _resolve_model(options)
+        self.model_dir, self.workload, self.name, self.preset_size = resolve_model_for_serving(options)
         self.parallel = ParallelConfig.parse(options.parallel)
         self.nproc = nproc
         if options.max_batch_size < 1:

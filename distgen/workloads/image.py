@@ -21,6 +21,14 @@ def prepare_image_job(
     from distgen.models import diffusion as adapter
     from distgen.parallel import sequence
 
+    if getattr(args, "parallel", "") == "auto":
+        from distgen.workloads import resolve_auto_parallel
+
+        resolved = resolve_image_model(args) if model_dir is None else None
+        resolve_auto_parallel(args, "image", model_dir or resolved.directory,
+                              height=args.height or (resolved.size if resolved else None) or None,
+                              width=args.width or (resolved.size if resolved else None) or None,
+                              steps=args.steps or 20, guidance=args.guidance_scale > 1)
     parallel = ParallelConfig.parse(args.parallel, IMAGE_AXES, "images")
     nproc = resolve_nproc(args, parallel)
     parallel.validate(nproc, IMAGE_AXES, "images")

@@ -99,6 +99,11 @@ def prepare_text_job(args):
 
     from distgen.models.tiny_llm import PRESETS as TOKENIZERLESS
 
+    if getattr(args, "parallel", "") == "auto":
+        from distgen.workloads import resolve_auto_parallel
+
+        resolve_auto_parallel(args, "text", resolve_model(args.model), batch=len(args.prompt or [""]),
+                              gen_len=args.max_new_tokens)
     parallel = ParallelConfig.parse(args.parallel, TEXT_AXES, "text")
     nproc = resolve_nproc(args, parallel)
     if args.model in TOKENIZERLESS and not os.path.exists(args.model):

@@ -26,6 +26,13 @@ def prepare_video_job(args, clip: ClipConfig | None = None, model_dir: str | Non
     """Validate everything a user can get wrong; returns the job and the number of ranks."""
     from distgen.models import video as adapter
 
+    if getattr(args, "parallel", "") == "auto":
+        from distgen.workloads import resolve_auto_parallel
+
+        directory, size = (model_dir, None) if model_dir else resolve_model(args)
+        frames, height, width = size or (None, None, None)
+        resolve_auto_parallel(args, "video", directory, height=args.height or height, width=args.width or width,
+                              frames=args.frames or frames, steps=args.steps or 20)
     parallel = ParallelConfig.parse(args.parallel, VIDEO_AXES, "video")
     nproc = resolve_nproc(args, parallel)
     parallel.validate(nproc, VIDEO_AXES, "video")
