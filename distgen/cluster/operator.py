@@ -189,7 +189,11 @@ def reconcile(obj: dict, cluster: Cluster | None = None) -> dict:
             cluster.event(obj, "Normal", "SecretCreated", f"generated the API key Secret {name}-api-key")
     cluster.create(_owned(D.configmap(name, ns, spec), obj))
     service = _owned(D.client_service(name, ns, spec), obj)
-    if not cluster.create(service):
+    services = {s["metadata"]["name"]: s for s in cluster.list("services", ns, f"{D.LABEL_SERVICE}={name}")}
+    if name not in services:
+        cluster.create(service)
+    elif [(p.get("port"), p.get("targetPort")) for p in services[name]["spec"].get("ports") or []] != [
+            (p["port"], p["targetPort"]) for p in service["spec"]["ports"]]:
         cluster.json_patch("Service", ns, name, [{"op": "replace", "path": "/spec/ports", "value":
                                                   service["spec"]["ports"]}])
 
@@ -244,9 +248,8 @@ def reconcile(obj: dict, cluster: Cluster | None = None) -> dict:
                 {"op": "add", "path": f"/metadata/annotations/{_escape(D.ANNOTATION_RECOVERING)}", "value": ""}])
             cluster.event(obj, "Normal", "GroupRecovered", f"group {group} is ready again after: {g.recovering}")
     # the headless Service of every group (recreated if someone deleted it)
-    headless = {s["metadata"]["name"] for s in cluster.list("services", ns, f"{D.LABEL_SERVICE}={name}")}
     for g in groups:
-        if g.phase != "Terminating" and g.index not in acted and g.name not in headless:
+        if g.phase != "Terminating" and g.index not in acted and g.name not in services:
             cluster.create(_owned(D.headless_service(name, ns, g.index), obj))
     # serve-option ConfigMaps no group uses any more
     after = _group_states(cluster, ns, name)
