@@ -259,6 +259,21 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, device: t
 
 
 @torch.no_grad()
+def vae_check(vae, seed: int, start: int, count: int, resolution: int, device: torch.device) -> dict:
+    """The checker on VAE reconstructions of ``count`` held-out scenes (indices from ``start``): the ceiling
+    the denoiser can reach through this VAE, and the sign that it needs more steps."""
+    from distgen.models.train.checker import check
+
+    images, captions = scenes.dataset(seed, count, resolution, start=start)
+    x = _to_unit(torch.from_numpy(images).permute(0, 3, 1, 2).to(device))
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    pixels = ((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    reports = [check(image, caption) for image, caption in zip(pixels, captions)]
+    return {"l1": float((recon - x).abs().mean()), "adherence": float(np.mean([r.adherence for r in reports])),
+            "found_with_colour": float(np.mean([r.found_with_colour for r in reports])), "scenes": count}
+
+
+@torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, device: torch.device, batch: int = 256):
     means, stds = [], []
     for start in range(0, len(images), batch):
@@ -457,6 +472,10 @@ def main(argv=None) -> int:
         vae, record["vae"] = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr, device, args.seed,
                                        args.log_every, args.vae_crop)
     record["vae"]["parameters"] = parameters(vae)
+    record["vae"]["held_out"] = vae_check(vae, args.seed, args.images, 32, args.resolution, device)
+    _log(f"[vae] held-out reconstructions: L1 {record['vae']['held_out']['l1']:.4f}, checker adherence "
+         f"{record['vae']['held_out']['adherence']:.2f}, found with the right colour "
+         f"{record['vae']['held_out']['found_with_colour']:.2f}")
     t0 = time.perf_counter()
     means, stds = encode_latents(vae, images, device)
     if not args.vae:
