@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distgen.config import ConfigError
+from distgen.runtime.resident import HEARTBEAT_S, _Leader
 
 BATCHING_MODES = ("continuous", "request-level")
 
@@ -264,8 +265,6 @@ class ContinuousScheduler:
 
 def serve_continuous(job, ctx, channel, control, generator) -> None:
     """The resident loop for continuous text batching (every rank); rank 0 leads."""
-    from distgen.runtime.resident import HEARTBEAT_S
-
     runner = ContinuousTextRunner(generator, job.continuous)
     leader = _ContinuousLeader(channel, ContinuousScheduler(runner, generator.pp)) if ctx.rank == 0 else None
     if leader is not None:
@@ -305,37 +304,22 @@ def serve_continuous(job, ctx, channel, control, generator) -> None:
         leader.emit("stopped")
 
 
-class _ContinuousLeader:
+class _ContinuousLeader(_Leader):
+    """Rank 0's side: commands in (as the request-level leader), each step's plan out, tokens streamed."""
+
     def __init__(self, channel, scheduler: ContinuousScheduler):
-        self.channel, self.scheduler = channel, scheduler
-        self.stopping = False
+        super().__init__(channel, scheduler)
         self.cancelled: set[str] = set()
         self.sent: dict[tuple[str, int], int] = {}  # (request, row) -> tokens already streamed
 
-    def emit(self, *event) -> None:
-        self.channel.put(event)
-
     def _handle(self, command) -> None:
-        kind = command[0]
-        if kind == "submit":
-            self.scheduler.add(command[1])
-        elif kind == "cancel":
-            rid = command[1]
-            if self.scheduler.cancel_waiting(rid):
-                self.emit("cancelled", rid)
-            elif self.scheduler.slots_of(rid):
-                self.cancelled.add(rid)
-        elif kind == "stop":
-            self.stopping = True
-
-    def poll(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            command = self.channel.get(max(0.0, deadline - time.monotonic()))
-            if command is None:
-                return
-            self._handle(command)
-            deadline = time.monotonic()
+        if command[0] != "cancel":
+            return super()._handle(command)  # submit -> scheduler.add, stop
+        rid = command[1]
+        if self.scheduler.cancel_waiting(rid):
+            self.emit("cancelled", rid)
+        elif self.scheduler.slots_of(rid):
+            self.cancelled.add(rid)
 
     def next_plan(self, idle_wait_s: float) -> StepPlan:
         self.poll(0.0 if self.scheduler.busy else idle_wait_s)
