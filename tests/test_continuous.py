@@ -92,19 +92,23 @@ def references(checkpoints, moe):
     return {name: _one_shot(path, requests) for name, path in (*checkpoints.items(), ("moe", moe))}
 
 
-CASES = [  # (checkpoint, parallel, ranks, ladder layers)
+CASES = [  # (checkpoint, parallel, ranks, ladder layers); the slow ones are covered by a composite in make test
     ("llama", "", 1, None),
-    ("qwen2", "", 1, None),
-    ("llama", "tp=2", 2, None),
+    pytest.param("qwen2", "", 1, None, marks=pytest.mark.slow),
+    pytest.param("llama", "tp=2", 2, None, marks=pytest.mark.slow),
     ("llama", "tp=2", 2, 4),
-    ("llama", "pp=2", 2, None),
+    pytest.param("llama", "pp=2", 2, None, marks=pytest.mark.slow),
     ("qwen2", "tp=2,pp=2", 4, None),
     ("moe", "ep=2", 2, None),
 ]
 
 
+def _case_id(name, parallel, nproc, ladder) -> str:
+    return f"{name}-{parallel or 'tp1'}{'-ladder' if ladder else ''}"
+
+
 @pytest.mark.parametrize("name,parallel,nproc,ladder", CASES,
-                         ids=[f"{c[0]}-{c[1] or 'tp1'}{'-ladder' if c[3] else ''}" for c in CASES])
+                         ids=[_case_id(*(c.values if hasattr(c, "values") else c)) for c in CASES])
 def test_requests_joining_mid_decode_get_their_one_shot_tokens(checkpoints, moe, references, name, parallel, nproc,
                                                                ladder):
     model = moe if name == "moe" else checkpoints[name]

@@ -2,11 +2,13 @@
 VAE, tokenizer and text encoder, saved in fp16, loading through from_pretrained and generating frames."""
 
 import numpy as np
+import pytest
 import torch
 
 from distgen.models.train import train_image, train_video
 
 
+@pytest.mark.slow  # about 40 s on 2 cores for a skeleton that trains nothing yet (CI's budget for make test)
 def test_t2v_skeleton_trains_saves_and_loads(tmp_path):
     from diffusers import TextToVideoSDPipeline
 
