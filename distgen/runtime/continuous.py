@@ -19,13 +19,12 @@ plan is small and the tokens equal those of one-shot generation.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from distgen.config import ConfigError
-from distgen.runtime.resident import HEARTBEAT_S, _Leader
+from distgen.runtime.resident import HEARTBEAT_S, Scheduler, _Leader
 
 BATCHING_MODES = ("continuous", "request-level")
 
@@ -179,7 +178,7 @@ class ContinuousTextRunner:
         self.generator.schedule.drain()
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(Scheduler):
     """The leader's side: waiting requests in arrival order, and each step's plan.
 
     Every step: all running sequences whose prompt is in the cache decode one token; what is left
@@ -191,21 +190,11 @@ class ContinuousScheduler:
     """
 
     def __init__(self, runner: ContinuousTextRunner, stages: int = 1):
+        super().__init__(runner.config.max_num_seqs)  # the waiting queue, add() and cancel() of waiting requests
         self.runner = runner
         self.config = runner.config
         self.stages = max(1, stages)
-        self.waiting: deque = deque()
         self.order: list[int] = []  # slots in admission order (prefill continues oldest first)
-
-    def add(self, item) -> None:
-        self.waiting.append(item)
-
-    def cancel_waiting(self, request_id: str) -> bool:
-        for item in list(self.waiting):
-            if item.id == request_id:
-                self.waiting.remove(item)
-                return True
-        return False
 
     def slots_of(self, request_id: str) -> list[int]:
         return [i for i, s in enumerate(self.runner.slots) if s is not None and s.request_id == request_id]
@@ -316,7 +305,7 @@ class _ContinuousLeader(_Leader):
         if command[0] != "cancel":
             return super()._handle(command)  # submit -> scheduler.add, stop
         rid = command[1]
-        if self.scheduler.cancel_waiting(rid):
+        if self.scheduler.cancel(rid):
             self.emit("cancelled", rid)
         elif self.scheduler.slots_of(rid):
             self.cancelled.add(rid)

@@ -296,6 +296,23 @@ def _encode_text(layout: str, text_encoder, ids, mask):
     return text_encoder(ids, attention_mask=mask)[0]  # PixArtAlphaPipeline passes the mask to both
 
 
+def _v_noised(alphas: torch.Tensor, x0: torch.Tensor, generator: torch.Generator):
+    """(noised latents, timesteps, v-prediction target) for a batch (noise, then timesteps, drawn in that order)."""
+    b = x0.shape[0]
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    t = torch.randint(0, len(alphas), (b,), generator=generator, device=x0.device)
+    a = alphas[t].view(b, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def _optimizer_step(opt, loss: torch.Tensor, modules, ema: "_EMA", step: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], 1.0)
+    opt.step()
+    ema.update(step)
+
+
 def train_denoiser(layout: str, latents: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
                    empty: tuple[torch.Tensor, torch.Tensor], tokenizer, scaling: float, steps: int, batch: int,
                    lr: float, device: torch.device, seed: int, log_every: int, size: str = "small",
@@ -320,22 +337,14 @@ def train_denoiser(layout: str, latents: tuple[torch.Tensor, torch.Tensor], ids:
         mean, std = means[index].to(device), stds[index].to(device)
         b = len(index)
         x0 = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * scaling
-        eps = torch.randn(x0.shape, generator=generator, device=device)
-        t = torch.randint(0, len(alphas), (b,), generator=generator, device=device)
-        a = alphas[t].view(b, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        target = a.sqrt() * eps - (1 - a).sqrt() * x0  # v
+        noisy, t, target = _v_noised(alphas, x0, generator)
         drop = torch.rand(b, generator=generator, device=device) < CFG_DROPOUT
         batch_ids = torch.where(drop[:, None], empty_ids, ids[index].to(device))
         batch_mask = torch.where(drop[:, None], empty_mask, mask[index].to(device))
         text = _encode_text(layout, text_encoder, batch_ids, batch_mask)
         pred = _denoiser_forward(layout, denoiser, noisy, t, text, batch_mask)
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], 1.0)
-        opt.step()
-        ema.update(step)
+        _optimizer_step(opt, loss, modules, ema, step)
         progress.step(step, loss.item())
     ema.copy_to()
     for m in modules:

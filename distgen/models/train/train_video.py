@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from distgen.models.train import scenes
-from distgen.models.train.train_image import (CFG_DROPOUT, MAX_TOKENS, _EMA, _Batches, _log, _lr, _Progress,
+from distgen.models.train.train_image import (CFG_DROPOUT, MAX_TOKENS, _EMA, _Batches, _log, _lr, _optimizer_step,
+                                              _Progress, _v_noised,
                                               _to_unit, build_scheduler, parameters, save, tokenize)
 
 DENOISER_SIZES = {"small": dict(block_out_channels=(32, 64, 64)), "base": dict(block_out_channels=(64, 128, 128))}
@@ -106,20 +107,12 @@ def train(args) -> dict:
         b = len(index)
         mean, std = means[index].to(device), stds[index].to(device)
         x0 = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * scaling
-        eps = torch.randn(x0.shape, generator=generator, device=device)
-        t = torch.randint(0, len(alphas), (b,), generator=generator, device=device)
-        a = alphas[t].view(b, 1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        target = a.sqrt() * eps - (1 - a).sqrt() * x0
+        noisy, t, target = _v_noised(alphas, x0, generator)
         drop = torch.rand(b, generator=generator, device=device) < CFG_DROPOUT
         batch_ids = torch.where(drop[:, None], empty_ids, ids[index].to(device))
         text = text_encoder(batch_ids)[0]
         loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=text).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], 1.0)
-        opt.step()
-        ema.update(step)
+        _optimizer_step(opt, loss, modules, ema, step)
         progress.step(step, loss.item())
     ema.copy_to()
     for m in modules:
