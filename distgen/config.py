@@ -12,9 +12,9 @@ from typing import ClassVar
 
 # Mesh axis order, outermost first. Bandwidth-hungry axes sit innermost so that, with the
 # usual rank numbering, they land on adjacent ranks (same node, NVLink).
-MESH_AXES = ("dp", "pp", "cfg", "patch", "sp", "clip", "ep", "tp")
+MESH_AXES = ("dp", "pp", "cfg", "pipefusion", "patch", "sp", "clip", "ep", "tp")
 # Axes the image path implements today.
-IMAGE_AXES = ("cfg", "patch", "sp")
+IMAGE_AXES = ("cfg", "pipefusion", "patch", "sp")
 PATCH_MODES = ("sync", "displaced", "partial", "naive")
 # Sequence parallelism for DiTs (distgen.parallel.sequence): all-to-all over heads, or a K/V ring.
 SP_MODES = ("ulysses", "ring")
@@ -175,6 +175,7 @@ class ImageJob:
     parallel: ParallelConfig
     patch: PatchConfig = PatchConfig()
     sp_mode: str = "ulysses"  # with an sp axis: "ulysses" or "ring"
+    pipefusion_patches: int | None = None  # with a pipefusion axis: patches M >= N (None: the default)
     model: str | None = None  # local diffusers pipeline directory; None = embedded default
     dtype: str = "fp32"
     out: str | None = None  # PNG path written by rank 0
@@ -184,16 +185,34 @@ class ImageJob:
     return_latents: bool = False
     threads_per_rank: int | None = None
     comm_timeout_s: float = 300.0
+    # decode over the patch ranks (distgen.parallel.vae): band of latent rows per rank, exact
+    vae_parallel: bool = False
 
     def validate(self) -> None:
         self.request.validate()
         self.patch.validate()
+        if self.vae_parallel and self.parallel.degree("patch") < 2:
+            raise ConfigError(
+                f"--vae-parallel decodes one band of rows per patch rank; it needs --parallel patch=N with N >= 2 "
+                f"(got --parallel {self.parallel})"
+            )
         if self.sp_mode not in SP_MODES:
             raise ConfigError(f"--sp-mode: unknown mode {self.sp_mode!r}; allowed: {', '.join(SP_MODES)}")
-        if self.parallel.degree("sp") > 1 and self.parallel.degree("patch") > 1:
+        pipefusion = self.parallel.degree("pipefusion")
+        if pipefusion > 1 and self.parallel.degree("patch") > 1:
+            raise ConfigError(f"--parallel: pipefusion and patch both split the image tokens; use one of them "
+                              f"(got pipefusion={pipefusion}, patch={self.parallel.degree('patch')})")
+        if pipefusion > 1 and self.parallel.degree("sp") > 1:
+            raise ConfigError(f"--parallel: pipefusion with sequence-sharded stages (sp, xDiT's hybrid) is not "
+                              f"supported yet; use pipefusion=N or sp=N (got pipefusion={pipefusion}, "
+                              f"sp={self.parallel.degree('sp')})")
+        # patch x sp composes on Flux only (checked against the model: distgen.parallel.sequence.validate_image)
+        if self.parallel.degree("sp") > 1 and self.parallel.degree("patch") > 1 and self.patch.mode == "partial":
             raise ConfigError(
-                f"--parallel: patch and sp both split the image tokens; use one of them "
-                f"(got patch={self.parallel.degree('patch')}, sp={self.parallel.degree('sp')})"
+                f"--patch-mode partial with --parallel patch={self.parallel.degree('patch')},sp="
+                f"{self.parallel.degree('sp')}: partial attends the nearest rows of the neighbour bands, but under sp "
+                "a rank holds a contiguous token shard of its band, not those rows; use --patch-mode sync, "
+                "displaced or naive with sp"
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype: unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")

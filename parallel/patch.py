@@ -13,7 +13,11 @@
     any attention processor (SD, PixArt, SD3 joint attention) works unchanged;
   - cross-attention ``to_k``/``to_v`` -> :class:`_CachedProjection` (text K/V once per request);
   - DiT ``PatchEmbed``            -> :class:`_BandPatchEmbed` (positions of the band's rows
-    in the full image).
+    in the full image);
+  - Flux: the band is a range of rows of the packed (B, tokens, C) sequence, cut with its global
+    image ids (RoPE positions); ``FluxAttention`` processors -> :class:`FluxPatchAttnProcessor`
+    (K/V rotated on each band's rank, then exchanged like ``_PatchKV``'s; text replicated).
+    With an sp axis too, each band is sequence-sharded within its sp group (see there).
 
 Modes: ``sync`` exchanges fresh context every step (exact: the oracle); ``displaced`` and
 ``partial`` run ``warmup_steps`` synchronous steps, then use one-step-stale context and send
@@ -30,9 +34,17 @@ from torch import nn
 
 from distgen.comm import ExchangeEngine
 from distgen.config import PatchConfig
-from distgen.parallel._denoiser import get_sample, map_output, set_sample
+from distgen.parallel._denoiser import (
+    flux_attention_output,
+    flux_qkv,
+    get_sample,
+    joint_attention,
+    map_output,
+    set_sample,
+)
 
-SUPPORTED_DENOISERS = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
+SUPPORTED_DENOISERS = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
+                       "FluxTransformer2DModel")
 
 
 class PatchState:
@@ -48,6 +60,7 @@ class PatchState:
         self.band_rows = 0
         self.full_rows = 0
         self.cols = 0
+        self.text_tokens = 0  # Flux: text tokens ahead of the image in single-stream blocks
         self.caches: list[_CachedProjection] = []
 
     def new_request(self) -> None:
@@ -68,6 +81,16 @@ class PatchState:
     @property
     def next_step_stale(self) -> bool:
         return self.config.mode in ("displaced", "partial") and self.call_index + 1 >= self.warmup_calls
+
+    def set_band(self, rows: int, cols: int, what: str) -> slice:
+        """This rank's band of an image of ``rows`` x ``cols`` latent pixels (``what`` names the
+        option in the error); returns the band's row slice."""
+        if rows % self.world:
+            raise RuntimeError(f"{what}: latent height {rows} is not divisible by {self.world}")
+        self.full_rows, self.cols = rows, cols
+        self.band_rows = rows // self.world
+        self.band_start = self.rank * self.band_rows
+        return slice(self.band_start, self.band_start + self.band_rows)
 
     def token_rows(self, n_tokens: int) -> int:
         """Rows of this band at the resolution of a layer holding ``n_tokens`` tokens."""
@@ -95,14 +118,34 @@ class _PatchConv2d(nn.Module):
         if state.sync_step:
             engine.post_halo(self.name, to_prev, to_next)
         from_prev, from_next = engine.halo(self.name)  # stale steps: posted at the previous step
-        # The image border keeps the conv's own zero padding.
-        top = from_prev if from_prev is not None else torch.zeros_like(to_prev)
-        bottom = from_next if from_next is not None else torch.zeros_like(to_next)
-        extended = torch.cat([top, x, bottom], dim=2)  # copies the halo out of the receive buffers
+        conv = self.conv
+        # "Same" convs (stride 1, kernel 2 x pad + 1): convolve the band with zero row padding, then
+        # recompute its first and last ``pad`` rows from thin strips holding the halo. Concatenating
+        # the halo onto the band instead would copy the whole band at every conv: one more
+        # band-sized tensor alive at each conv, which is what a high-resolution VAE decode is short of.
+        thin = (conv.stride[0] == 1 and conv.dilation[0] == 1 and conv.kernel_size[0] == 2 * pad + 1
+                and x.shape[2] >= 2 * pad)
+        # The image border keeps the conv's own zero padding. Both paths copy the halo out of the
+        # receive buffers before this step's rows are posted.
+        if thin:
+            top = None if from_prev is None else torch.cat([from_prev, x[:, :, : 2 * pad]], dim=2)
+            bottom = None if from_next is None else torch.cat([x[:, :, -2 * pad :], from_next], dim=2)
+        else:
+            top = from_prev if from_prev is not None else torch.zeros_like(to_prev)
+            bottom = from_next if from_next is not None else torch.zeros_like(to_next)
+            extended = torch.cat([top, x, bottom], dim=2)
         if not state.sync_step:
             engine.post_halo(self.name, to_prev, to_next)  # this step's rows, used at the next
-        conv = self.conv
-        return F.conv2d(extended, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups)
+        if not thin:
+            return F.conv2d(extended, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation,
+                            conv.groups)
+        edge = lambda strip: F.conv2d(strip, conv.weight, conv.bias, 1, (0, conv.padding[1]), 1, conv.groups)  # noqa: E731
+        out = F.conv2d(x, conv.weight, conv.bias, 1, (pad, conv.padding[1]), 1, conv.groups)
+        if top is not None:
+            out[:, :, :pad] = edge(top)
+        if bottom is not None:
+            out[:, :, -pad:] = edge(bottom)
+        return out
 
 
 class _PatchGroupNorm(nn.Module):
@@ -124,7 +167,9 @@ class _PatchGroupNorm(nn.Module):
         state, engine, norm = self.state, self.state.engine, self.norm
         batch, groups = x.shape[0], norm.num_groups
         xf = x.float().reshape(batch, groups, -1)
-        local = torch.stack([xf.mean(-1), xf.square().mean(-1)], dim=-1)  # (B, G, 2)
+        # (E[x], E[x^2]) per group without a band-sized temporary (xf.square() would be one)
+        var, mean = torch.var_mean(xf, dim=-1, correction=0)
+        local = torch.stack([mean, var + mean.square()], dim=-1)  # (B, G, 2)
         if state.sync_step:
             stats = torch.stack(engine.gather_now(self.name, local)).mean(0)
         else:
@@ -137,12 +182,44 @@ class _PatchGroupNorm(nn.Module):
             local_var = local[..., 1] - local[..., 0].square()
             mean = torch.where(negative, local[..., 0], mean)
             var = torch.where(negative, local_var, var)
-        out = (xf - mean.unsqueeze(-1)) * torch.rsqrt(var.clamp_min(0).unsqueeze(-1) + norm.eps)
+        # One band-sized result, then in place (the activations are what a large decode is short of).
+        out = xf - mean.unsqueeze(-1)
+        out.mul_(torch.rsqrt(var.clamp_min(0).unsqueeze(-1) + norm.eps))
         out = out.reshape(x.shape)
         if norm.affine:
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            out = out * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
+            out.mul_(norm.weight.float().reshape(shape)).add_(norm.bias.float().reshape(shape))
         return out.to(x.dtype)
+
+
+def _partial_rows(state: PatchState, fresh: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and last rows of the band's tokens that partial mode sends to the neighbours."""
+    tokens = fresh.shape[dim]
+    rows = state.token_rows(tokens)
+    used = max(1, math.ceil(state.config.pcpp_fraction * rows)) * (tokens // rows)
+    return fresh.narrow(dim, 0, used), fresh.narrow(dim, tokens - used, used)
+
+
+def _beyond_band(state: PatchState, name: str, fresh: torch.Tensor, dim: int) -> torch.Tensor:
+    """This band's keys or values (tokens along ``dim``) extended with the other bands': all of them,
+    fresh in sync steps and one step stale after; in ``partial`` mode the nearest rows of the two
+    neighbours (stale)."""
+    engine = state.engine
+    if state.sync_step:
+        full = torch.cat(engine.gather_now(name, fresh), dim=dim)
+        if state.config.mode == "partial" and state.next_step_stale:
+            engine.post_halo(name, *_partial_rows(state, fresh, dim))
+        return full
+    if state.config.mode == "partial":
+        from_prev, from_next = engine.halo(name)
+        full = torch.cat([p for p in (from_prev, fresh, from_next) if p is not None], dim=dim)
+        engine.post_halo(name, *_partial_rows(state, fresh, dim))
+        return full
+    parts = list(engine.stale(name))
+    parts[state.rank] = fresh
+    full = torch.cat(parts, dim=dim)
+    engine.enqueue(name, fresh)
+    return full
 
 
 class _PatchKV(nn.Module):
@@ -159,31 +236,41 @@ class _PatchKV(nn.Module):
         self.state = state
         self.name = name
 
-    def _partial_rows(self, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.state.token_rows(fresh.shape[1])
-        per_row = fresh.shape[1] // rows
-        used = max(1, math.ceil(self.state.config.pcpp_fraction * rows)) * per_row
-        return fresh[:, :used], fresh[:, -used:]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state, engine = self.state, self.state.engine
-        fresh = self.proj(x)
-        if state.sync_step:
-            full = torch.cat(engine.gather_now(self.name, fresh), dim=1)
-            if state.config.mode == "partial" and state.next_step_stale:
-                engine.post_halo(self.name, *self._partial_rows(fresh))
-            return full
-        if state.config.mode == "partial":
-            from_prev, from_next = engine.halo(self.name)
-            parts = [p for p in (from_prev, fresh, from_next) if p is not None]
-            full = torch.cat(parts, dim=1)
-            engine.post_halo(self.name, *self._partial_rows(fresh))
-            return full
-        parts = list(engine.stale(self.name))
-        parts[state.rank] = fresh
-        full = torch.cat(parts, dim=1)
-        engine.enqueue(self.name, fresh)
-        return full
+        return _beyond_band(self.state, self.name, self.proj(x), dim=1)
+
+
+class FluxPatchAttnProcessor:
+    """``FluxAttnProcessor`` on a band, for both Flux block kinds.
+
+    Flux rotates K with RoPE inside its processor, so keys cannot be extended at the projection as
+    :class:`_PatchKV` does: here the band's Q/K/V are computed and rotated with the band's rows of
+    the rotary table (its global image ids, cut by :func:`apply`), then K/V are extended with the
+    other bands' rotated K/V through the same exchange (sync / displaced / partial). The text tokens
+    (double-stream: ``encoder_hidden_states``; single-stream: the first ``state.text_tokens``) are
+    replicated on every rank, their K/V local. ``sequence``: set by sp (patch x sp): the band's
+    tokens are sharded over the sp axis, the exchanged K/V are this sp rank's shard of each band, and
+    attention runs over the sp group.
+    """
+
+    def __init__(self, state: PatchState, name: str):
+        self.state = state
+        self.name = name
+        self.sequence = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:
+            raise NotImplementedError("patch parallelism: Flux attention with a mask")
+        state = self.state
+        (query, key, value), text = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                             state.text_tokens)
+        key = _beyond_band(state, f"{self.name}.k", key, dim=2)
+        value = _beyond_band(state, f"{self.name}.v", value, dim=2)
+        if self.sequence is None:
+            image_out, text_out = joint_attention(query, key, value, text)
+        else:
+            image_out, text_out = self.sequence.attention(query, key, value, text, kv_bands=state.world)
+        return flux_attention_output(attn, image_out, text_out, encoder_hidden_states is not None, hidden_states.dtype)
 
 
 class _CachedProjection(nn.Module):
@@ -259,6 +346,7 @@ class _BandPatchEmbed(nn.Module):
 def _replace_modules(denoiser: nn.Module, state: PatchState) -> dict[str, int]:
     from diffusers.models.attention_processor import Attention
     from diffusers.models.embeddings import PatchEmbed
+    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
     exchange = state.config.mode != "naive"
     replacements: list[tuple[nn.Module, str, nn.Module]] = []
@@ -275,6 +363,13 @@ def _replace_modules(denoiser: nn.Module, state: PatchState) -> dict[str, int]:
             elif exchange and isinstance(child, nn.GroupNorm):
                 replacements.append((module, child_name, _PatchGroupNorm(child, state, name)))
                 counts["group_norm"] += 1
+            elif isinstance(child, FluxAttention):
+                if exchange:  # naive: the stock processor on the band alone
+                    if type(child.processor) is not FluxAttnProcessor:
+                        raise NotImplementedError(f"patch parallelism replaces FluxAttnProcessor; {name} uses "
+                                                  f"{type(child.processor).__name__}")
+                    child.set_processor(FluxPatchAttnProcessor(state, name))
+                    counts["self_attention"] += 1
             elif isinstance(child, Attention):
                 if child.is_cross_attention:
                     for proj in ("to_k", "to_v"):
@@ -301,23 +396,36 @@ def apply(denoiser: nn.Module, engine: ExchangeEngine, config: PatchConfig) -> P
         raise NotImplementedError(f"patch parallelism supports {', '.join(SUPPORTED_DENOISERS)}; got {family}")
     state = PatchState(engine, config)
     state.replaced = _replace_modules(denoiser, state)
+    denoiser._distgen_patch = state  # sp checks it: only Flux composes patch and sp
+
+    def take_flux_band(module, args, kwargs):
+        # Flux's sample is the packed (B, tokens, C) sequence in row-major order of its (row, column)
+        # ids: a band is a contiguous range of packed token rows, with its global ids (RoPE positions).
+        if args:
+            raise NotImplementedError("patch parallelism: Flux called with positional arguments")
+        sample, ids = kwargs["hidden_states"], kwargs["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids  # the deprecated batched ids are the same for every row
+        rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        if sample.shape[1] != rows * cols or not torch.equal(ids[:, 1:].cpu(), grid.to(ids.dtype)):
+            raise NotImplementedError("patch parallelism: Flux image ids must be the pipeline's row-major grid")
+        rows_of_band = state.set_band(rows, cols, f"patch={state.world} (rows of packed latent tokens)")
+        state.text_tokens = kwargs["encoder_hidden_states"].shape[1]
+        band = slice(rows_of_band.start * cols, rows_of_band.stop * cols)
+        return args, {**kwargs, "hidden_states": sample[:, band], "img_ids": ids[band]}
 
     def take_band(module, args, kwargs):
         sample = get_sample(args, kwargs)
-        rows = sample.shape[-2]
-        if rows % state.world:
-            raise RuntimeError(f"patch={state.world}: latent height {rows} is not divisible by the patch degree")
-        state.full_rows, state.cols = rows, sample.shape[-1]
-        state.band_rows = rows // state.world
-        state.band_start = state.rank * state.band_rows
-        band = sample[..., state.band_start : state.band_start + state.band_rows, :]
-        return set_sample(args, kwargs, band)
+        band = state.set_band(sample.shape[-2], sample.shape[-1], f"patch={state.world}")
+        return set_sample(args, kwargs, sample[..., band, :])
 
     def gather_bands(module, args, kwargs, output):
         out = map_output(output, lambda t: torch.cat(engine.all_gather(t), dim=-2))
         state.call_index += 1
         return out
 
-    denoiser.register_forward_pre_hook(take_band, with_kwargs=True)
+    flux = family == "FluxTransformer2DModel"
+    denoiser.register_forward_pre_hook(take_flux_band if flux else take_band, with_kwargs=True)
+    # Output bands: latent rows (dim -2 of (B, C, H, W)) or Flux's token rows (dim -2 of (B, tokens, C)).
     denoiser.register_forward_hook(gather_bands, with_kwargs=True)
     return state

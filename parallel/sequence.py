@@ -33,6 +33,15 @@ over heads. Ring: the text K/V join only the rank's own (first) block, so they c
 text queries ride along with the local image queries through the whole ring (a redundant
 T x S attention per rank, exact).
 
+Flux (double-stream blocks: joint attention like SD3; single-stream blocks: [text, image] as one
+sequence): the packed latent tokens and their (row, column) ids are cut in a pre-hook, before
+``x_embedder`` and ``pos_embed``, so each shard's RoPE rows are its global positions; text is
+replicated as for SD3, and in single-stream blocks the processor splits the first
+``text_tokens`` off as text. Under patch parallelism (patch x sp, patch bands outermost) sp shards
+this rank's band, and the band's processor (:class:`distgen.parallel.patch.FluxPatchAttnProcessor`)
+passes its K/V, extended over the patch axis with the other bands' shards of the same sp rank, to
+:meth:`SequenceState.attention` (``kv_bands``). Exact.
+
 All traffic goes through :class:`distgen.comm.ExchangeEngine` (bytes and waits accounted).
 """
 
@@ -47,9 +56,10 @@ from torch import nn
 
 from distgen.comm import ExchangeEngine
 from distgen.config import SP_MODES, ConfigError
-from distgen.parallel._denoiser import get_sample, merge_heads, split_heads
+from distgen.parallel._denoiser import flux_attention_output, flux_qkv, get_sample, merge_heads, split_heads
 
-SUPPORTED_DENOISERS = ("PixArtTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel")
+SUPPORTED_DENOISERS = ("PixArtTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel",
+                       "FluxTransformer2DModel")
 
 
 def shard_lengths(tokens: int, world: int) -> list[int]:
@@ -103,10 +113,17 @@ def validate_image(info, request, parallel, mode: str) -> None:
     if mode not in SP_MODES or degree <= 1:
         validate(info.denoiser_class, None, degree, mode)
         return
+    bands = parallel.degree("patch")
+    if bands > 1 and info.family != "flux":
+        raise ConfigError(
+            f"--parallel patch={bands},sp={degree}: patch and sp both split the image tokens and compose only on "
+            f"Flux (FluxTransformer2DModel, whose attention processors take both); this model's denoiser is "
+            f"{info.denoiser_class}: use one of them"
+        )
     heads = denoiser_heads(info.path, info.denoiser_attr) if info.denoiser_class in SUPPORTED_DENOISERS else None
     patch = info.band_row_multiple
     tokens = (request.height // info.vae_scale_factor // patch) * (request.width // info.vae_scale_factor // patch)
-    validate(info.denoiser_class, heads, degree, mode, tokens)
+    validate(info.denoiser_class, heads, degree, mode, tokens // bands)  # patch x sp: sp shards one band
 
 
 # ---------------------------------------------------------------------------- attention
@@ -134,6 +151,7 @@ class SequenceState:
         self.rank = engine.rank
         self.world = engine.world
         self.lengths: list[int] = []  # tokens per rank for the current denoiser call
+        self.text_tokens = 0  # Flux: text tokens ahead of the image in single-stream blocks
         self.replaced: dict[str, int] = {}
 
     def set_tokens(self, tokens: int) -> None:
@@ -162,30 +180,43 @@ class SequenceState:
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, self.lengths)], dim=dim)
 
     # -- attention over the whole sequence, from this rank's shard of queries, keys, values
-    def attention(self, q, k, v, text=None):
+    def attention(self, q, k, v, text=None, kv_bands: int = 1):
         """q, k, v: (B, H, S_local, D) image tokens; ``text``: replicated (q, k, v) (B, H, T, D).
+
+        ``kv_bands`` > 1 (patch x sp on Flux): k and v hold this rank's shard of each of ``kv_bands``
+        equal bands (its own band's and, from patch parallelism, the other bands'), so they are
+        ``kv_bands`` times as long as q on every rank.
 
         Returns (image output (B, H, S_local, D), text output (B, H, T, D) or None), equal to
         SDPA over [all image tokens, text tokens].
         """
+        kv_lengths = [kv_bands * n for n in self.lengths]
+        if k.shape[2] != kv_lengths[self.rank]:
+            raise RuntimeError(f"sp: {k.shape[2]} keys for {q.shape[2]} queries, expected {kv_lengths[self.rank]}")
         if self.mode == "ulysses":
-            return self._ulysses(q, k, v, text)
-        return self._ring(q, k, v, text)
+            return self._ulysses(q, k, v, text, kv_lengths)
+        return self._ring(q, k, v, text, kv_lengths)
 
-    def _ulysses(self, q, k, v, text):
+    def _ulysses(self, q, k, v, text, kv_lengths):
         world, rank, lengths = self.world, self.rank, self.lengths
         batch, heads, local, dim = q.shape
         if heads % world:
             raise RuntimeError(f"sp ulysses: {heads} heads do not divide by the degree {world}")
         h = heads // world
-        # Sequence shard -> head shard: block j (heads j*h..) of Q, K and V goes to rank j.
-        send = torch.stack([q, k, v]).unflatten(2, (world, h)).movedim(2, 0)  # (N, 3, B, h, S_local, D)
-        per_token = 3 * batch * h * dim
-        recv = self.engine.all_to_all(
-            send.reshape(-1), [per_token * local] * world, [per_token * n for n in lengths]
-        )
-        blocks = [b.view(3, batch, h, n, dim) for b, n in zip(recv.split([per_token * n for n in lengths]), lengths)]
-        q_all, k_all, v_all = torch.cat(blocks, dim=3).unbind(0)  # (B, h, S, D) each
+        # Sequence shard -> head shard: block j (heads j*h..) of Q, then of K and V, goes to rank j.
+        q_send = q.unflatten(1, (world, h)).movedim(1, 0).reshape(world, -1)  # (N, B*h*S_local*D)
+        kv_send = torch.stack([k, v]).unflatten(2, (world, h)).movedim(2, 0).reshape(world, -1)
+        q_token, kv_token = batch * h * dim, 2 * batch * h * dim
+        recv_counts = [q_token * n + kv_token * m for n, m in zip(lengths, kv_lengths)]
+        recv = self.engine.all_to_all(torch.cat([q_send, kv_send], dim=1).reshape(-1),
+                                      [q_token * local + kv_token * k.shape[2]] * world, recv_counts)
+        q_blocks, kv_blocks = [], []
+        for block, n, m in zip(recv.split(recv_counts), lengths, kv_lengths):
+            q_block, kv_block = block.split([q_token * n, kv_token * m])
+            q_blocks.append(q_block.view(batch, h, n, dim))
+            kv_blocks.append(kv_block.view(2, batch, h, m, dim))
+        q_all = torch.cat(q_blocks, dim=2)  # (B, h, S, D)
+        k_all, v_all = torch.cat(kv_blocks, dim=3).unbind(0)  # (B, h, kv_bands * S, D) each
         if text is not None:
             q_t, k_t, v_t = (t[:, rank * h : (rank + 1) * h] for t in text)
             q_all, k_all, v_all = (torch.cat(p, dim=2) for p in ((q_all, q_t), (k_all, k_t), (v_all, v_t)))
@@ -201,8 +232,8 @@ class SequenceState:
             return image, None
         return image, torch.cat(self.engine.all_gather(text_out), dim=1)
 
-    def _ring(self, q, k, v, text):
-        world, rank, lengths, engine = self.world, self.rank, self.lengths, self.engine
+    def _ring(self, q, k, v, text, kv_lengths):
+        world, rank, engine = self.world, self.rank, self.engine
         local = q.shape[2]
         queries, keys, values = q, k, v
         if text is not None:  # replicated text: its keys count once, in this rank's own block
@@ -216,7 +247,7 @@ class SequenceState:
             pending = None
             if step < world - 1:
                 # Post the transfer of the block in hand before using it: it overlaps the attention.
-                incoming = lengths[(rank - step - 1) % world]
+                incoming = kv_lengths[(rank - step - 1) % world]
                 buf = block.new_empty((*block.shape[:3], incoming, block.shape[4]))
                 pending = engine.exchange({nxt: block}, {prev: buf})
             if step == 0:
@@ -326,6 +357,23 @@ class _WanSelfAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class _FluxAttnProcessor:
+    """``FluxAttnProcessor`` with replicated text tokens, for both Flux block kinds: double-stream (text
+    from ``encoder_hidden_states``) and single-stream, where [text, image shard] is one sequence whose
+    first ``state.text_tokens`` are the text. RoPE rotates each token with its global position: the
+    shard's image ids were cut before ``pos_embed`` (see :func:`apply`)."""
+
+    def __init__(self, state: SequenceState):
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:
+            raise NotImplementedError("sequence parallelism: Flux attention with a mask")
+        image, text = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.state.text_tokens)
+        image_out, text_out = self.state.attention(*image, text)
+        return flux_attention_output(attn, image_out, text_out, encoder_hidden_states is not None, hidden_states.dtype)
+
+
 # ---------------------------------------------------------------------------- apply
 def _replace_processors(denoiser: nn.Module, state: SequenceState) -> dict[str, int]:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
@@ -333,7 +381,20 @@ def _replace_processors(denoiser: nn.Module, state: SequenceState) -> dict[str, 
     family = type(denoiser).__name__
     replacements: list[tuple[nn.Module, object]] = []
     for name, module in denoiser.named_modules():
-        if family == "WanTransformer3DModel":
+        if family == "FluxTransformer2DModel":
+            from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+
+            from distgen.parallel.patch import FluxPatchAttnProcessor
+
+            if not isinstance(module, FluxAttention):
+                continue
+            if isinstance(module.processor, FluxPatchAttnProcessor):
+                # patch x sp: the band's processor exchanges K/V over the patch axis, then attends over this one
+                expected, replacement = FluxPatchAttnProcessor, module.processor
+                module.processor.sequence = state
+            else:
+                expected, replacement = FluxAttnProcessor, _FluxAttnProcessor(state)
+        elif family == "WanTransformer3DModel":
             from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
             if not isinstance(module, WanAttention) or module.is_cross_attention:
@@ -358,7 +419,8 @@ def _replace_processors(denoiser: nn.Module, state: SequenceState) -> dict[str, 
             raise ValueError(f"sp={state.world} ulysses: {name} has {module.heads} heads, not divisible by {state.world}")
         replacements.append((module, replacement))
     for module, replacement in replacements:
-        module.set_processor(replacement)
+        if module.processor is not replacement:
+            module.set_processor(replacement)
     return {"self_attention": len(replacements)}
 
 
@@ -372,14 +434,40 @@ def _tokens(denoiser: nn.Module, sample: torch.Tensor) -> int:
     return tokens
 
 
+def _apply_flux_hooks(denoiser: nn.Module, state: SequenceState) -> None:
+    def shard_tokens(module, args, kwargs):
+        # The packed latent tokens and their (row, column) ids are cut before x_embedder and pos_embed
+        # (both per token): each shard embeds its own tokens and RoPE rotates them with global positions.
+        if args:
+            raise NotImplementedError("sequence parallelism: Flux called with positional arguments")
+        if kwargs.get("controlnet_block_samples") is not None or kwargs.get("controlnet_single_block_samples") is not None:
+            raise NotImplementedError("sequence parallelism: Flux ControlNet residuals")
+        sample, ids = kwargs["hidden_states"], kwargs["img_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids  # the deprecated batched ids are the same for every row
+        state.set_tokens(sample.shape[1])
+        state.text_tokens = kwargs["encoder_hidden_states"].shape[1]
+        return args, {**kwargs, "hidden_states": state.shard(sample), "img_ids": state.shard(ids, dim=0)}
+
+    denoiser.register_forward_pre_hook(shard_tokens, with_kwargs=True)
+    denoiser.proj_out.register_forward_hook(lambda m, a, out: state.gather(out))
+
+
 def apply(denoiser: nn.Module, engine: ExchangeEngine, mode: str = "ulysses") -> SequenceState:
-    """Make ``denoiser`` (PixArt, SD3 or Wan) run on this rank's shard of its token sequence."""
+    """Make ``denoiser`` (PixArt, SD3, Wan or Flux) run on this rank's shard of its token sequence.
+
+    Flux under patch parallelism (applied first): the shard is of this rank's band (see
+    :class:`distgen.parallel.patch.FluxPatchAttnProcessor`)."""
 
     family = type(denoiser).__name__
     if family not in SUPPORTED_DENOISERS:
         raise NotImplementedError(f"sequence parallelism supports {', '.join(SUPPORTED_DENOISERS)}; got {family}")
+    if family != "FluxTransformer2DModel" and getattr(denoiser, "_distgen_patch", None) is not None:
+        raise NotImplementedError(f"patch and sp compose only on FluxTransformer2DModel; got {family}")
     state = SequenceState(engine, mode)
     state.replaced = _replace_processors(denoiser, state)
+    if family == "FluxTransformer2DModel":
+        _apply_flux_hooks(denoiser, state)
+        return state
 
     def plan_call(module, args, kwargs):
         if kwargs.get("block_controlnet_hidden_states") is not None:

@@ -31,7 +31,7 @@ def test_unknown_axis_and_bad_degree():
 
 def test_axis_not_available_for_images(capsys):
     err = _error(capsys, ["generate", "image", "--parallel", "tp=2"])
-    assert "'tp' is not available" in err and "cfg, patch" in err
+    assert "'tp' is not available" in err and "cfg, pipefusion, patch" in err
 
 
 def test_height_not_divisible(capsys):
@@ -89,8 +89,8 @@ def test_unknown_preset(capsys):
 
 # ------------------------------------------------- errors name what the user typed (issue 20)
 @pytest.mark.parametrize("argv,axes,others", [
-    (["generate", "image"], "allowed axes for images: cfg, patch, sp", ("tp", "clip")),
-    (["bench", "image"], "allowed axes for images: cfg, patch, sp", ("tp", "clip")),
+    (["generate", "image"], "allowed axes for images: cfg, pipefusion, patch, sp", ("tp", "clip")),
+    (["bench", "image"], "allowed axes for images: cfg, pipefusion, patch, sp", ("tp", "clip")),
     (["generate", "video"], "allowed axes for video: cfg, clip, sp", ("tp", "patch")),
     (["generate", "text"], "allowed axes for text: dp, pp, ep, tp", ("cfg", "patch")),
 ])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ SUPPORTED_DENOISERS = {
     "UNet2DConditionModel": ("unet", "unet"),
     "PixArtTransformer2DModel": ("transformer", "pixart"),
     "SD3Transformer2DModel": ("transformer", "sd3"),
+    "FluxTransformer2DModel": ("transformer", "flux"),
 }
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,9 +36,12 @@ class PipelineInfo:
     denoiser_class: str
     family: str
     vae_scale_factor: int
-    # Latent rows of a band must be a multiple of this (UNet downsampling / DiT patch size).
+    # Latent rows of a band must be a multiple of this (UNet downsampling / DiT patch size; Flux: its 2x2
+    # packing, so a band is whole rows of packed tokens).
     band_row_multiple: int
     max_latent_size: int | None  # SD3: positions are cropped from a fixed table
+    # Flux dev: the guidance scale is an input of the denoiser (distilled guidance), not a CFG batch.
+    guidance_embeds: bool = False
 
     def pixels_per_band_row(self) -> int:
         return self.vae_scale_factor * self.band_row_multiple
@@ -79,6 +84,8 @@ def inspect_pipeline(path: str | Path) -> PipelineInfo:
     max_latent = None
     if family == "unet":
         multiple = 2 ** (len(config.get("down_block_types", [])) - 1)
+    elif family == "flux":
+        multiple = 2 * int(config.get("patch_size", 1))  # the pipeline packs 2x2 latent pixels per token
     else:
         multiple = int(config.get("patch_size", 2))
         if config.get("pos_embed_max_size"):
@@ -92,6 +99,7 @@ def inspect_pipeline(path: str | Path) -> PipelineInfo:
         vae_scale_factor=vae_scale,
         band_row_multiple=multiple,
         max_latent_size=max_latent,
+        guidance_embeds=bool(config.get("guidance_embeds", False)),
     )
 
 
@@ -101,6 +109,8 @@ def validate_geometry(info: PipelineInfo, request: ImageRequest, parallel: Paral
     width_multiple = info.pixels_per_band_row()
     height_multiple = width_multiple * patch
     why_width = f"VAE factor {info.vae_scale_factor} x denoiser factor {info.band_row_multiple}"
+    if info.family == "flux":
+        why_width = f"VAE factor {info.vae_scale_factor} x Flux's 2x2 latent packing"
     why_height = f"{why_width} x patch degree {patch}"
     if info.family in ("unet", "pixart"):
         # their pipelines' own check_inputs want multiples of 8, whatever the VAE factor
@@ -165,15 +175,107 @@ def pipeline_kwargs(pipe, request: ImageRequest, generator: torch.Generator) -> 
     if type(pipe).__name__.startswith("PixArt"):
         # Keep the requested size (no aspect-ratio bins) and skip caption cleaning (needs bs4).
         kwargs.update(use_resolution_binning=False, clean_caption=False)
+    if type(pipe).__name__ == "FluxPipeline":
+        # FluxPipeline runs true CFG whenever a negative prompt is passed with true_cfg_scale > 1, so the
+        # negative prompt goes in only then; guidance_scale is dev's distilled guidance (ignored by schnell).
+        del kwargs["negative_prompt"]
+        if flux_true_cfg(pipe.transformer.config.guidance_embeds, request):
+            kwargs.update(negative_prompt=request.negative_prompt, true_cfg_scale=request.guidance_scale)
+        # T5's sequence: the tokenizer's own limit, at most the pipeline's 512 (FLUX.1's T5 tokenizer: 512)
+        kwargs["max_sequence_length"] = min(512, pipe.tokenizer_2.model_max_length)
     return kwargs
 
 
+def flux_true_cfg(guidance_embeds: bool, request: ImageRequest) -> bool:
+    """Whether a Flux request runs true classifier-free guidance: only without guidance embedding (dev's
+    guidance scale is distilled into the model), with a negative prompt and a scale > 1, as FluxPipeline
+    decides it."""
+    return not guidance_embeds and bool(request.negative_prompt) and request.guidance_enabled
+
+
+class _GuidancePair:
+    """Stands in for FluxPipeline's transformer while it runs true CFG.
+
+    The pipeline calls the transformer twice per step, conditional then unconditional, on the same
+    latents. Here the conditional call returns a NaN placeholder and the unconditional one runs both as
+    one batch [unconditional, conditional] (the layout of the other pipelines' CFG batch), then fills the
+    placeholder in place: the pipeline reads the conditional prediction only after the second call. So
+    the denoiser sees one call per step, which cfg=2 splits over its ranks and patch / sp count as one step.
+    """
+
+    _BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+
+    def __init__(self, denoiser: torch.nn.Module):
+        self.denoiser = denoiser
+        self.pending: tuple[dict, torch.Tensor] | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.denoiser, name)  # config, dtype, cache_context, ... of the real transformer
+
+    def __call__(self, *args, **kwargs):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        if args or kwargs.get("joint_attention_kwargs"):
+            raise NotImplementedError("batched true CFG: FluxPipeline's keyword call without attention kwargs")
+        wrap = (lambda t: Transformer2DModelOutput(sample=t)) if kwargs.get("return_dict", True) else (lambda t: (t,))
+        latents = kwargs["hidden_states"]
+        if self.pending is None:
+            shape = (*latents.shape[:-1], self.denoiser.proj_out.out_features)
+            placeholder = latents.new_full(shape, float("nan"))
+            self.pending = (kwargs, placeholder)
+            return wrap(placeholder)
+        cond, placeholder = self.pending
+        self.pending = None
+        if cond["hidden_states"] is not latents or not torch.equal(cond["txt_ids"], kwargs["txt_ids"]):
+            raise RuntimeError("batched true CFG: the two calls of a step differ in latents or text ids")
+        batched = dict(kwargs)
+        for key in self._BATCHED:
+            if kwargs.get(key) is not None:
+                batched[key] = torch.cat([kwargs[key], cond[key]])
+        out = self.denoiser(**batched)
+        sample = out[0] if isinstance(out, tuple) else out.sample
+        uncond_rows = latents.shape[0]
+        placeholder.copy_(sample[uncond_rows:])
+        return wrap(sample[:uncond_rows])
+
+
+@contextmanager
+def guidance_batch(pipe, kwargs: dict):
+    """Around ``pipe(**kwargs)``: FluxPipeline's true CFG as one denoiser batch per step (:class:`_GuidancePair`);
+    any other call unchanged."""
+    paired = (type(pipe).__name__ == "FluxPipeline" and kwargs.get("negative_prompt") is not None
+              and kwargs.get("true_cfg_scale", 1.0) > 1)
+    if not paired:
+        yield
+        return
+    denoiser = pipe.transformer
+    pair = pipe.transformer = _GuidancePair(denoiser)
+    try:
+        yield
+    finally:
+        pipe.transformer = denoiser
+    if pair.pending is not None:
+        raise RuntimeError("batched true CFG: a conditional transformer call had no unconditional call after it")
+
+
+def unpack_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The pipeline's latent output as (B, C, H, W): Flux's packed (B, tokens, 4C) sequence unpacked as its
+    own decode does; other pipelines' latents unchanged."""
+    if type(pipe).__name__ == "FluxPipeline" and latents.dim() == 3:
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    return latents
+
+
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor):
-    """Latents -> list of PIL images, as the pipeline would decode them."""
+def decode_latents(pipe, latents: torch.Tensor, postprocess: bool = True):
+    """Latents -> list of PIL images, as the pipeline would decode them (``postprocess=False``: the
+    VAE's output tensor, values in [-1, 1])."""
     vae = pipe.vae
+    if latents.dim() == 3:
+        raise ValueError("decode_latents: packed Flux latents (B, tokens, C); unpack_latents(pipe, latents, height, "
+                         "width) gives the VAE's (B, C, H, W)")
     latents = latents.to(vae.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     latents = latents / vae.config.scaling_factor + shift
     image = vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")
+    return pipe.image_processor.postprocess(image, output_type="pil") if postprocess else image

@@ -6,7 +6,7 @@ on first use and from then on loaded like any checkpoint. ``--preset X``, where 
 (the benchmarks, ``generate video``), is an alias of ``--model X`` kept for older command lines.
 
 - image: :data:`distgen.models.tiny.PRESETS` (``tiny-sd`` the default, ``tiny-pixart``,
-  ``tiny-sd3``, ``unet-bench``, ``dit-bench``)
+  ``tiny-sd3``, ``unet-bench``, ``dit-bench``, ``tiny-flux``)
 - video: :data:`distgen.models.tiny_video.VIDEO_PRESETS` (``tiny-t2v`` the default,
   ``tiny-animatediff``, ``tiny-wan``, ``t2v-bench``)
 - text: ``smollm2`` (the default, SmolLM2-135M-Instruct), ``smollm2-moe`` (derived from it) and

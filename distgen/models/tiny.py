@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("unet", "pixart", "sd3")
+FAMILIES = ("unet", "pixart", "sd3", "flux")
 DEFAULT_MODEL = "tiny-sd"
 # Name -> (family, denoiser config overrides, default image size in pixels).
 # ``dit-bench`` is the compute-dominated preset: a PixArt DiT of 8 layers, hidden 512
@@ -26,6 +26,7 @@ PRESETS: dict[str, tuple[str, dict, int]] = {
     "tiny-sd3": ("sd3", {}, 128),
     "unet-bench": ("unet", {"block_out_channels": (64, 128), "layers_per_block": 2}, 128),
     "dit-bench": ("pixart", {"num_layers": 8, "num_attention_heads": 8, "attention_head_dim": 64}, 128),
+    "tiny-flux": ("flux", {}, 128),  # FLUX.1-dev layout (guidance embedding); guidance_embeds=False: schnell
 }
 
 
@@ -78,10 +79,11 @@ def _clip_text_encoder(vocab_size: int, hidden: int, with_projection: bool = Fal
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def _vae(latent_channels: int = 4):
+def _vae(latent_channels: int = 4, **config):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
+        **config,
         block_out_channels=(16, 32),
         in_channels=3,
         out_channels=3,
@@ -179,6 +181,8 @@ def _build_pipeline(family: str, seed: int, **overrides):
             transformer=PixArtTransformer2DModel(**dit_config),
             scheduler=DDIMScheduler(steps_offset=1),
         )
+    if family == "flux":
+        return _flux_pipeline(tokenizer, vocab, overrides)
     sd3_config = dict(
         sample_size=32,
         patch_size=2,
@@ -204,6 +208,46 @@ def _build_pipeline(family: str, seed: int, **overrides):
         tokenizer_2=tokenizer_2,
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+
+
+def _flux_pipeline(tokenizer, vocab: int, overrides: dict):
+    """FLUX.1's layout at toy size: 2 double-stream + 2 single-stream blocks, 4 heads x 16 (RoPE 4+6+6
+    over (text, row, column) ids), CLIP pooled + T5 sequence text, a 16-channel VAE with Flux's shift and
+    scale whose latents the pipeline packs into 2x2 patches (64 channels per token). Default: the dev
+    layout (``guidance_embeds=True``, distilled guidance); ``guidance_embeds=False`` gives schnell's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    flux_config = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    flux_config.update(overrides)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(vocab_size=vocab, d_model=flux_config["joint_attention_dim"], d_kv=8, d_ff=64, num_layers=2,
+                 num_heads=4, decoder_start_token_id=0)
+    )
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(**flux_config),
+        # FLUX.1's scheduler: the shift grows with the image's token count (mu from the pipeline)
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=_vae(latent_channels=flux_config["in_channels"] // 4, scaling_factor=0.3611, shift_factor=0.1159,
+                 use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip_text_encoder(vocab, flux_config["pooled_projection_dim"]),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        # T5's sequence: 32 tokens here (the pipeline pads to max_sequence_length; see pipeline_kwargs)
+        tokenizer_2=build_tokenizer(max_length=32),
     )
 
 

@@ -26,9 +26,11 @@ class WorkerContext:
     mesh: DeviceMesh | None
     timeout_s: float = 300.0  # the process group's; exchanges outside gloo (shared memory) honour it too
 
-    def engine(self, group: dist.ProcessGroup | None, stats: CommStats) -> ExchangeEngine:
-        """The exchange engine of one process group of this worker (its device and timeout)."""
-        return ExchangeEngine(group, stats, self.device, timeout_s=self.timeout_s)
+    def engine(self, group: dist.ProcessGroup | None, stats: CommStats,
+               shared_memory: bool | None = None) -> ExchangeEngine:
+        """The exchange engine of one process group of this worker (its device and timeout;
+        ``shared_memory``: see :class:`ExchangeEngine`)."""
+        return ExchangeEngine(group, stats, self.device, timeout_s=self.timeout_s, shared_memory=shared_memory)
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
         """Process group of a mesh axis, or None when the axis has degree 1."""

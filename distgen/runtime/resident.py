@@ -319,8 +319,6 @@ class _ImageRunner:
         self.steps = _DenoiserSteps(self.runner.denoiser)
 
     def run(self, items, step_hook) -> dict:
-        from distgen.models.diffusion import decode_latents
-
         # One batch: rows in item order, each its own generator (its own initial noise).
         requests = [item.request for item in items]
         def after_step(k: int, n: int) -> None:
@@ -333,9 +331,9 @@ class _ImageRunner:
         finally:
             self.steps.arm(None, 0)
             self.runner.drain()
+        images, _ = self.runner.decode(result.latents)  # every rank with --vae-parallel, else rank 0
         if self.ctx.rank != 0:
             return {}
-        images = decode_latents(self.runner.pipe, result.latents)
         steps = result.step_seconds
         return {item.id: {"image": image, "step_seconds": steps, "bytes_sent": result.bytes_sent,
                           "wait_seconds": result.wait_seconds} for item, image in zip(items, images)}

@@ -58,15 +58,16 @@ def run_worker(job: Any, channel=None) -> dict | None:
 
 
 def run_image_job(job: ImageJob, ctx) -> dict | None:
-    from distgen.runtime.diffusion import DiffusionRunner, gather_step_seconds
+    from distgen.runtime.diffusion import DiffusionRunner, gather_rank_report, gather_step_seconds
 
     runner = DiffusionRunner(job, ctx, resolve_model_dir(job.model))
     results = []
     for repeat in range(job.repeats):
         last = repeat == job.repeats - 1
-        decode = last and ctx.rank == 0
+        decode = last and (ctx.rank == 0 or job.vae_parallel)  # a parallel decode is a collective
         results.append(runner.generate(job.request, decode=decode))
     per_rank_steps = [gather_step_seconds(ctx, r.step_seconds) for r in results]
+    ranks = gather_rank_report(ctx, runner.denoiser, results[-1].wait_seconds)  # memory per rank, waits
     if ctx.rank != 0:
         return None
     final = results[-1]
@@ -87,4 +88,6 @@ def run_image_job(job: ImageJob, ctx) -> dict | None:
             }
             for r, steps in zip(results, per_rank_steps)
         ],
+        "decode": final.decode,
+        "ranks": ranks,
     }

@@ -117,7 +117,7 @@ class Service:
     def _init_image(self) -> None:
         from distgen.config import IMAGE_AXES
         from distgen.models import diffusion as adapter
-        from distgen.parallel import sequence
+        from distgen.parallel import cfg, pipefusion, sequence
 
         self.parallel.validate(self.nproc, IMAGE_AXES)
         self.info = adapter.inspect_pipeline(self.model_dir)
@@ -130,6 +130,8 @@ class Service:
         self.base.validate()
         adapter.validate_geometry(self.info, probe, self.parallel)
         sequence.validate_image(self.info, probe, self.parallel, self.base.sp_mode)
+        cfg.validate_model(self.info, self.parallel)  # Flux: each request is checked for true CFG
+        pipefusion.validate_image(self.info, probe, self.parallel, None)
 
     def _init_video(self) -> None:
         from distgen.config_video import VIDEO_AXES, ClipConfig, VideoJob, VideoRequest
@@ -251,7 +253,7 @@ class Service:
 
     def image_requests(self, body: dict) -> list[ImageRequest]:
         from distgen.models import diffusion as adapter
-        from distgen.parallel import sequence
+        from distgen.parallel import cfg, pipefusion, sequence
 
         if self.workload != "image":
             raise RequestError(f"this server serves a {self.workload} model; images need an image model",
@@ -288,6 +290,8 @@ class Service:
                 request.validate()
                 adapter.validate_geometry(self.info, request, self.parallel)
                 sequence.validate_image(self.info, request, self.parallel, self.options.sp_mode)
+                cfg.validate_image(self.info, request, self.parallel)
+                pipefusion.validate_image(self.info, request, self.parallel, None)
             except ConfigError as exc:
                 raise RequestError(_as_body_param(str(exc)), param="size" if "height" in str(exc) or "width" in str(exc)
                                    else None) from None

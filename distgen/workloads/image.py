@@ -19,7 +19,7 @@ def prepare_image_job(
 ) -> tuple[ImageJob, int]:
     """Validate everything a user can get wrong; returns the job and the number of ranks."""
     from distgen.models import diffusion as adapter
-    from distgen.parallel import sequence
+    from distgen.parallel import cfg, pipefusion, sequence
 
     if getattr(args, "parallel", "") == "auto":
         from distgen.workloads import resolve_auto_parallel
@@ -54,9 +54,13 @@ def prepare_image_job(
         model=model_dir,
         dtype=args.dtype,
         comm_timeout_s=args.comm_timeout,
+        vae_parallel=getattr(args, "vae_parallel", False),
+        pipefusion_patches=getattr(args, "pipefusion_patches", None),
     )
     job.validate()
     info = adapter.inspect_pipeline(model_dir)
     adapter.validate_geometry(info, request, parallel)
     sequence.validate_image(info, request, parallel, job.sp_mode)
+    cfg.validate_image(info, request, parallel)
+    pipefusion.validate_image(info, request, parallel, job.pipefusion_patches)
     return job, nproc
