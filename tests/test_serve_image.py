@@ -67,7 +67,7 @@ def test_cfg_image_equals_one_shot_png(tmp_path, cfg_server):
 
 
 @pytest.mark.parametrize("model,parallel,extra", [
-    ("tiny-sd", "patch=2", ("--patch-mode", "displaced")),
+    ("tiny-sd", "patch=2", ("--patch-mode", "displaced", "--vae-parallel")),  # decode over the 2 ranks too
     ("tiny-pixart", "sp=2", ("--sp-mode", "ring")),
 ])
 def test_served_image_equals_one_shot_png(tmp_path, model, parallel, extra):

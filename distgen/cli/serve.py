@@ -55,6 +55,9 @@ def register_serve(commands) -> None:
     p.add_argument("--patch-mode", default="displaced", help=f"image patch mode: {', '.join(PATCH_MODES)}")
     p.add_argument("--sp-mode", default="ulysses", help=f"sequence parallelism: {', '.join(SP_MODES)}")
     p.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps before stale context is used")
+    p.add_argument("--pipefusion-patches", type=int, default=None,
+                   help="image, with --parallel pipefusion=N: patches M >= N (default: up to 4 per stage)")
+    p.add_argument("--vae-parallel", action="store_true", help="image: decode over the patch ranks (exact)")
     p.add_argument("--clip-mode", default="dual-scope", help=f"video clip parallelism: {', '.join(CLIP_MODES)}")
     p.add_argument("--stale-context", action="store_true", help="video: previous step's exchanges (overlapped)")
     p.add_argument("--ladder-layers", type=int, default=None, help="text: Ladder Residual on the upper K layers")
@@ -138,6 +141,7 @@ def prepare_service(args):
         ladder_layers=args.ladder_layers, comm_timeout=args.comm_timeout, max_batch_size=args.max_batch_size,
         batching=args.batching, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, max_pixels=args.max_pixels, max_steps=args.max_steps, max_frames=args.max_frames, output_dir=args.output_dir,
+        pipefusion_patches=args.pipefusion_patches, vae_parallel=args.vae_parallel,
     )
     return Service(options, nproc), nproc, key
 

@@ -41,6 +41,8 @@ class ServeOptions:
     sp_mode: str = "ulysses"
     warmup_steps: int = 4
     pcpp_fraction: float = 0.3
+    pipefusion_patches: int | None = None  # image, with a pipefusion axis
+    vae_parallel: bool = False  # image: decode over the patch ranks
     clip_mode: str = "dual-scope"
     stale_context: bool = False
     ladder_layers: int | None = None
@@ -126,12 +128,14 @@ class Service:
                              patch=PatchConfig(self.options.patch_mode, self.options.warmup_steps,
                                                self.options.pcpp_fraction),
                              sp_mode=self.options.sp_mode, model=self.model_dir, dtype=self.options.dtype,
-                             comm_timeout_s=self.options.comm_timeout, progress=False)
+                             comm_timeout_s=self.options.comm_timeout, progress=False,
+                             pipefusion_patches=self.options.pipefusion_patches,
+                             vae_parallel=self.options.vae_parallel)
         self.base.validate()
         adapter.validate_geometry(self.info, probe, self.parallel)
         sequence.validate_image(self.info, probe, self.parallel, self.base.sp_mode)
         cfg.validate_model(self.info, self.parallel)  # Flux: each request is checked for true CFG
-        pipefusion.validate_image(self.info, probe, self.parallel, None)
+        pipefusion.validate_image(self.info, probe, self.parallel, self.options.pipefusion_patches)
 
     def _init_video(self) -> None:
         from distgen.config_video import VIDEO_AXES, ClipConfig, VideoJob, VideoRequest
@@ -291,7 +295,7 @@ class Service:
                 adapter.validate_geometry(self.info, request, self.parallel)
                 sequence.validate_image(self.info, request, self.parallel, self.options.sp_mode)
                 cfg.validate_image(self.info, request, self.parallel)
-                pipefusion.validate_image(self.info, request, self.parallel, None)
+                pipefusion.validate_image(self.info, request, self.parallel, self.options.pipefusion_patches)
             except ConfigError as exc:
                 raise RequestError(_as_body_param(str(exc)), param="size" if "height" in str(exc) or "width" in str(exc)
                                    else None) from None
