@@ -74,7 +74,7 @@ def test_dit_descriptions():
     flux = {"_class_name": "FluxTransformer2DModel", "num_layers": 19, "num_single_layers": 38,
             "num_attention_heads": 24, "attention_head_dim": 128, "in_channels": 64, "joint_attention_dim": 4096}
     fd = describe_denoiser(flux, 1024, 1024)
-    assert fd.tokens == 4096 and fd.params == pytest.approx(11.9e9, rel=0.05) and not fd.in_runtime
+    assert fd.tokens == 4096 and fd.params == pytest.approx(11.9e9, rel=0.05) and fd.in_runtime
     sd3 = {"_class_name": "SD3Transformer2DModel", "num_layers": 24, "num_attention_heads": 24,
            "attention_head_dim": 64, "patch_size": 2, "in_channels": 16, "joint_attention_dim": 4096,
            "pos_embed_max_size": 192}
@@ -398,7 +398,7 @@ def test_plan_json_ranked(tmp_path):
                 "bytes_per_step_per_link", "communication_hidden_share", "options", "exact"):
         assert key in first
     assert {p["parallel"] for p in plans} >= {"patch=8", "sp=8", "cfg=2,patch=4", "cfg=2,sp=4"}
-    assert all(p["in_runtime"] for p in plans)  # PipeFusion / DiT tp only with --include-unimplemented
+    assert all(p["in_runtime"] for p in plans)  # DiT tp and USP only with --include-unimplemented
     text = tmp_path / "llama.json"
     text.write_text(json.dumps(catalog.LLMS["Llama-3.1-70B"]))
     out = plan(None, str(text), 8, "h100", None, Request("text", batch=4))

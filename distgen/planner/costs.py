@@ -41,7 +41,7 @@ class Layout:
     sp: int = 1
     sp_mode: str = "ulysses"  # ulysses | ring | usp (ulysses x ring, xDiT's hybrid)
     ulysses: int = 0  # usp: the ulysses part of sp
-    pipefusion: int = 1  # not in distgen's runtime yet: for the published comparisons
+    pipefusion: int = 1  # distgen.parallel.pipefusion (DiTs)
     pipefusion_patches: int = 0  # 0: as many patches as stages
     dit_tp: int = 1  # Megatron tensor parallelism of a DiT (xDiT's): not in distgen's runtime
     clip: int = 1
@@ -74,8 +74,8 @@ class Layout:
 
     @property
     def in_runtime(self) -> bool:
-        """Whether distgen's runtime can run this layout (PipeFusion, DiT tensor parallelism and USP not yet)."""
-        return self.pipefusion == 1 and self.dit_tp == 1 and self.sp_mode != "usp"
+        """Whether distgen's runtime can run this layout (DiT tensor parallelism, USP and PipeFusion x sp not yet)."""
+        return self.dit_tp == 1 and self.sp_mode != "usp" and not (self.pipefusion > 1 and self.sp > 1)
 
     def parallel(self) -> str:
         """The string ``--parallel`` takes."""
@@ -93,6 +93,8 @@ class Layout:
                 out["--pcpp-fraction"] = f"{self.pcpp_fraction:g}"
         if self.sp > 1:
             out["--sp-mode"] = self.sp_mode if self.sp_mode != "usp" else f"usp(ulysses={self.ulysses})"
+        if self.pipefusion > 1 and self.pipefusion_patches:
+            out["--pipefusion-patches"] = str(self.pipefusion_patches)
         if self.clip > 1:
             out["--clip-mode"] = self.clip_mode
             if self.stale_context:

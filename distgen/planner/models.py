@@ -92,8 +92,8 @@ class DiffusionDesc:
 
     @property
     def in_runtime(self) -> bool:
-        """Whether distgen's runtime runs this denoiser (Flux and Latte are described for planning only)."""
-        return self.family not in ("flux", "latte")
+        """Whether distgen's runtime runs this denoiser (Latte is described for planning only)."""
+        return self.family != "latte"
 
     @property
     def is_dit(self) -> bool:
