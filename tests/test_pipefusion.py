@@ -152,14 +152,19 @@ def test_all_warmup_steps_match_single_device_with_half_the_blocks(models):
     assert all(b > 0 for b in result["runs"][0]["bytes_sent"])
 
 
+def _exact(models, results, family):
+    """The all-warm-up run of ``family`` equals one device; returns the blocks each rank holds."""
+    _, reference = models[family]
+    result = results[f"{family}-exact"]
+    diff = (result["latents"] - reference).abs().max().item()
+    print(f"{family} pipefusion=2, every step warm-up: max abs diff {diff:.2e}")
+    assert diff <= EXACT_ATOL
+    return _held_blocks(family, 2, result["ranks"])
+
+
 @pytest.mark.timeout(180)
 def test_sd3_all_warmup_steps_match_single_device(models, two_ranks):
-    _, reference = models["sd3"]
-    result = two_ranks["sd3-exact"]
-    diff = (result["latents"] - reference).abs().max().item()
-    print(f"sd3 pipefusion=2, every step warm-up: max abs diff {diff:.2e}")
-    assert diff <= EXACT_ATOL
-    _held_blocks("sd3", 2, result["ranks"])
+    _exact(models, two_ranks, "sd3")
 
 
 def _fidelity(models, family, results, case):
@@ -178,13 +183,8 @@ def test_stale_steps_beat_naive_patches_and_stay_near_displaced(models, two_rank
 
 @pytest.mark.timeout(180)
 def test_flux_all_warmup_steps_match_single_device(models, two_ranks):
-    _, reference = models["flux"]
-    result = two_ranks["flux-exact"]
-    diff = (result["latents"] - reference).abs().max().item()
-    print(f"flux pipefusion=2, every step warm-up: max abs diff {diff:.2e}")
-    assert diff <= EXACT_ATOL
     # Stages balance weights: one double-stream block (~2.4x a single-stream one) against one double + two single.
-    held = _held_blocks("flux", 2, result["ranks"])
+    held = _exact(models, two_ranks, "flux")
     assert 0.3 < held[0] / sum(held) < 0.5
 
 

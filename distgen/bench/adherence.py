@@ -65,13 +65,9 @@ def one_rank_adherence(model: str, prompts: list[str], size: int, steps: int, gu
     return _summary(reports), images
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def parallel_fidelity(model: str, prompts: list[str], size: int, steps: int, guidance: float, seed: int,
                       ranks: int, modes: list[str], warmup: int) -> tuple[dict, dict]:
+    from distgen.bench.image import _psnr
     from distgen.config import ImageJob, ImageRequest, ParallelConfig, PatchConfig
     from distgen.launch.local import spawn
     from distgen.models.train.checker import check, patch_boundaries, seam_score
@@ -93,7 +89,7 @@ def parallel_fidelity(model: str, prompts: list[str], size: int, steps: int, gui
         row = _summary(reports)
         row["seam_ratio"] = round(float(np.mean([seam_score(img, boundaries)["ratio"] for img in images[name]])), 4)
         if name != "1_rank":
-            row["psnr_vs_1_rank_db"] = round(float(np.mean([_psnr(a, b) for a, b in zip(images[name],
+            row["psnr_vs_1_rank_db"] = round(float(np.mean([_psnr(a, b, 255.0) for a, b in zip(images[name],
                                                                                          images["1_rank"])])), 2)
         report[name] = row
     return report, images
