@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml constraints-cpu.txt Makefile
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/distgen generate image --prompt "a lighthouse at dusk" --height 256 --width 256 --steps 20 \
+	$(BIN)/distgen generate image --prompt "a red circle and a blue square on a yellow background" --steps 20 \
 		--parallel patch=2 --patch-mode displaced --nproc 2 --out demo.png
 
 test: install

@@ -176,6 +176,21 @@ def test_metrics_by_hand():
     assert bal["per_layer"] == {0: pytest.approx(2 / 3), 1: 1.0} and bal["overall"] == pytest.approx((2 / 3 + 1) / 2)
 
 
+def test_consecutive_mutual_information_by_hand():
+    from distgen.placement.metrics import consecutive_mutual_information
+
+    def trace_of(cross):
+        cross = np.asarray(cross, dtype=float)[None]
+        return RoutingTrace(layers=(0, 1), num_experts=2, top_k=1, loads=np.ones((2, 2)), cross=cross,
+                            tokens=int(cross.sum()))
+
+    # layer 1 copies layer 0's expert: one full bit; independent choices: none
+    assert consecutive_mutual_information(trace_of([[5, 0], [0, 5]])) == pytest.approx([1.0])
+    assert consecutive_mutual_information(trace_of([[3, 3], [1, 1]])) == pytest.approx([0.0], abs=1e-12)
+    # P = [[1/2, 0], [1/4, 1/4]]: H(b) - H(b | a) = 0.8113 - 0.5 bits
+    assert consecutive_mutual_information(trace_of([[2, 0], [1, 1]])) == pytest.approx([0.311278], abs=1e-5)
+
+
 # ---------------------------------------------------------------- routing
 def test_recorder_counts_by_hand():
     layers, e, k = (1, 3, 4), 4, 2

@@ -107,6 +107,12 @@ def test_checker_catches_wrong_colour_shape_position_and_blank():
     caption = "a large red circle on the left on a white background"
     good = C.check(S.render(_single()), caption)
     assert good.adherence == 1.0 and good.objects[0].right_size
+    assert good.right_background and good.extra_objects == 0
+    assert not C.check(S.render(_single(background="yellow")), caption).right_background
+    extra = S.Scene((S.Shape("circle", "red", "large", *S.POSITION_XY["left"], S.SIZES["large"]),
+                     S.Shape("square", "blue", "large", *S.POSITION_XY["right"], S.SIZES["large"])), "white", None,
+                    "pair", relation="and", say_size=(True, True))
+    assert C.check(S.render(extra), caption).extra_objects == 1  # the blue square is not in the caption
     wrong_colour = C.check(S.render(_single(colour="orange")), caption).objects[0]
     assert wrong_colour.found and not wrong_colour.right_colour
     wrong_shape = C.check(S.render(_single(shape="square")), caption).objects[0]

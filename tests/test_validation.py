@@ -35,16 +35,20 @@ def test_axis_not_available_for_images(capsys):
 
 
 def test_height_not_divisible(capsys):
-    err = _error(capsys, ["generate", "image", "--height", "100", "--parallel", "patch=2"])
+    tiny = ["--model", "tiny-sd"]  # VAE factor 2 x UNet factor 2
+    err = _error(capsys, ["generate", "image", *tiny, "--height", "100", "--parallel", "patch=2"])
     assert "--height 100 must be a multiple of 8" in err
-    err = _error(capsys, ["generate", "image", "--width", "90"])
+    err = _error(capsys, ["generate", "image", *tiny, "--width", "90"])
     assert "--width 90 must be a multiple of 8" in err and "StableDiffusionPipeline itself needs a multiple of 8" in err
-    err = _error(capsys, ["generate", "image", "--width", "100"])  # a multiple of the VAE x denoiser factor 4 only
+    err = _error(capsys, ["generate", "image", *tiny, "--width", "100"])  # a multiple of the VAE x denoiser factor 4 only
     assert "--width 100 must be a multiple of 8" in err
+    # the trained default: a 4x VAE and a UNet that halves twice
+    err = _error(capsys, ["generate", "image", "--height", "100", "--parallel", "patch=2"])
+    assert "--height 100 must be a multiple of 32 for patch=2" in err and "VAE factor 4 x denoiser factor 4" in err
 
 
 def test_more_ranks_than_latent_rows(capsys):
-    err = _error(capsys, ["generate", "image", "--height", "64", "--parallel", "patch=32"])
+    err = _error(capsys, ["generate", "image", "--model", "tiny-sd", "--height", "64", "--parallel", "patch=32"])
     assert "at most 16 bands" in err
 
 

@@ -38,9 +38,13 @@ def held_out_prompts(count: int, seed: int = 0) -> list[str]:
 def _summary(reports) -> dict:
     keys = ("adherence", "found_with_colour", "found", "right_colour", "right_shape", "right_position")
     objects = sum(r["objects"] for r in reports)
-    # object-weighted: a two-object prompt counts twice, as "objects found" reads
-    return {**{k: round(sum(r[k] * r["objects"] for r in reports) / objects, 4) for k in keys},
-            "prompts": len(reports), "objects": objects}
+    # object-weighted: a two-object prompt counts twice, as "objects found" reads; the scene's own
+    # figures (background, extra candidates) per prompt
+    out = {k: round(sum(r[k] * r["objects"] for r in reports) / objects, 4) for k in keys}
+    for key in ("right_background", "extra_objects"):
+        if all(key in r for r in reports):
+            out[key] = round(sum(r[key] for r in reports) / len(reports), 4)
+    return {**out, "prompts": len(reports), "objects": objects}
 
 
 @torch.no_grad()
@@ -95,11 +99,15 @@ def parallel_fidelity(model: str, prompts: list[str], size: int, steps: int, gui
     return report, images
 
 
-def _grid(rows: dict[str, list], path: str) -> None:
+def _grid(rows: dict[str, list], path: str, images: int, scale: int) -> None:
+    """One row per configuration, its first ``images`` images, enlarged ``scale`` x (nearest: pixels stay pixels)."""
     from PIL import Image
 
-    strips = [np.concatenate(list(images), axis=1) for images in rows.values()]
-    Image.fromarray(np.concatenate(strips, axis=0)).save(path)
+    strips = [np.concatenate([np.asarray(i) for i in row[:images]], axis=1) for row in rows.values()]
+    grid = Image.fromarray(np.concatenate(strips, axis=0))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    grid.save(path)
 
 
 def main(argv=None) -> int:
@@ -117,7 +125,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--grid", default=None, help="PNG of the one-rank images (and of the patch runs, one row each)")
+    p.add_argument("--grid", default=None, help="PNG of the one-rank images (and GRID-patch.png of the patch runs, "
+                                                "one row per configuration)")
+    p.add_argument("--grid-images", type=int, default=10, help="images per row of the grids")
+    p.add_argument("--grid-scale", type=int, default=1, help="enlarge the grids this many times (nearest neighbour)")
     args = p.parse_args(argv)
     from pathlib import Path
 
@@ -135,7 +146,7 @@ def main(argv=None) -> int:
     summary, images = one_rank_adherence(model, prompts, size, args.steps, args.guidance_scale, args.seed)
     report = {"model": model, "size": size, "steps": args.steps, "guidance_scale": args.guidance_scale,
               "one_rank": summary}
-    grid = {"one_rank": [np.asarray(i) for i in images[:10]]}
+    grid = {"one_rank": images}
     modes = [m.strip() for m in args.parallel_modes.split(",") if m.strip()]
     if modes:
         side = size * args.scale
@@ -145,10 +156,10 @@ def main(argv=None) -> int:
         report["patch_setup"] = {"side": side, "ranks": args.ranks, "prompts": args.parallel_prompts,
                                  "warmup_steps": args.warmup_steps}
         if args.grid:
-            _grid({k: v for k, v in patch_images.items()}, str(Path(args.grid).with_suffix("")) + "-patch.png")
+            _grid(patch_images, str(Path(args.grid).with_suffix("")) + "-patch.png", args.grid_images, args.grid_scale)
     report["seconds"] = round(time.perf_counter() - started, 1)
     if args.grid:
-        _grid(grid, args.grid)
+        _grid(grid, args.grid, args.grid_images, args.grid_scale)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -10,19 +10,22 @@ from distgen.config import IMAGE_AXES, PATCH_MODES, SP_MODES
 
 
 def _add_image_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> None:
-    parser.add_argument("--prompt", default="a lighthouse at dusk")
+    parser.add_argument("--prompt", default="a red circle and a blue square on a yellow background",
+                        help="the trained default model knows the shapes vocabulary (README: Embedded models)")
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--height", type=int, default=None, help="pixels (default: 128, or the preset's size)")
-    parser.add_argument("--width", type=int, default=None, help="pixels (default: 128, or the preset's size)")
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the embedded model's training size, else 128)")
+    parser.add_argument("--width", type=int, default=None, help="pixels (default: the embedded model's training size, else 128)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; bench: 8)")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance; <= 1 disables it (Flux: dev's distilled guidance; "
                                                                        "without guidance embedding, true CFG with --negative-prompt)")
     parser.add_argument("--seed", type=int, default=0)
+    default = "tiny-sd" if bench else "shapes-sd"
     parser.add_argument("--model", default=None,
                         help="diffusers pipeline directory (save_pretrained layout), or the name of an embedded model: "
-                             "tiny-sd (default; UNet), tiny-pixart, tiny-sd3 (DiTs, for sp), unet-bench, dit-bench, "
-                             "tiny-flux (FLUX.1-dev layout; patch x sp) "
-                             "(a directory that exists wins over a name)")
+                             "shapes-sd (trained, 64 px), or with random weights tiny-sd (UNet), tiny-pixart, "
+                             "tiny-sd3 (DiTs, for sp), unet-bench, dit-bench, tiny-flux (FLUX.1-dev layout; patch x sp) "
+                             f"(default {default}; a directory that exists wins over a name)")
+    parser.set_defaults(default_model=default)
     parser.add_argument("--parallel", default="", help="degrees per axis, e.g. 'cfg=2,patch=2' (axes: %s)" % ", ".join(IMAGE_AXES))
     mode_help = "comma list of modes to compare" if bench else "patch mode"
     parser.add_argument("--patch-mode", default="displaced", help=f"{mode_help}: {', '.join(PATCH_MODES)}")
@@ -66,6 +69,7 @@ def register(generate_kinds, bench_kinds) -> None:
     bench_vae = bench_kinds.add_parser("vae", help="one-rank vs parallel VAE decode (--vae-parallel): memory, time")
     bench_vae.add_argument("--model", default=None, help="diffusers pipeline directory or embedded image model name "
                                                          "(default tiny-sd); its vae/ is decoded")
+    bench_vae.set_defaults(default_model="tiny-sd")
     bench_vae.add_argument("--sizes", default="2048,4096", help="comma list of image sizes in pixels, 'H' or 'HxW'")
     bench_vae.add_argument("--parallel", default="patch=2", help="the patch ranks to decode over, e.g. 'patch=2'")
     bench_vae.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")

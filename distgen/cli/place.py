@@ -113,6 +113,9 @@ def _place(args) -> int:
             placement.save(args.out)
     slots_per_rank = (experts + args.redundant_experts) // args.ranks
     routing["cross_rank_floor"] = round(metrics.cross_rank_floor(trace, slots_per_rank), 4)
+    mi = metrics.consecutive_mutual_information(trace)
+    routing["consecutive_layer_mi_bits"] = [round(x, 4) for x in mi]  # 0: layers route independently
+    routing["mean_consecutive_layer_mi_bits"] = round(sum(mi) / len(mi), 4) if mi else 0.0
     out = {"model": model, "routing": routing, "ranks": args.ranks, "nodes": args.nodes,
            "redundant_experts": args.redundant_experts, "policies": results}
     if "round-robin" in results:

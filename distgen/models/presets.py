@@ -5,11 +5,14 @@ the name of an embedded model of that workload, built (or converted, or derived)
 on first use and from then on loaded like any checkpoint. ``--preset X``, where a command has it
 (the benchmarks, ``generate video``), is an alias of ``--model X`` kept for older command lines.
 
-- image: :data:`distgen.models.tiny.PRESETS` (``tiny-sd`` the default, ``tiny-pixart``,
-  ``tiny-sd3``, ``unet-bench``, ``dit-bench``, ``tiny-flux``)
+- image: the trained :data:`distgen.models.trained.TRAINED` models (``shapes-sd`` the default: it draws
+  what a shapes prompt says), then the random-weight :data:`distgen.models.tiny.PRESETS` (``tiny-sd``,
+  ``tiny-pixart``, ``tiny-sd3``, ``unet-bench``, ``dit-bench``, ``tiny-flux``: tests and benches, where
+  random weights are the point)
 - video: :data:`distgen.models.tiny_video.VIDEO_PRESETS` (``tiny-t2v`` the default,
   ``tiny-animatediff``, ``tiny-wan``, ``t2v-bench``)
-- text: ``smollm2`` (the default, SmolLM2-135M-Instruct), ``smollm2-moe`` (derived from it) and
+- text: ``smollm2`` (the default, SmolLM2-135M-Instruct), ``distgen-moe`` (a Qwen2-MoE trained from
+  scratch, routing learned), ``smollm2-moe`` (derived from SmolLM2 by MoEfication) and
   the random-weight bench Llamas of :data:`distgen.models.tiny_llm.PRESETS` (``llama-bench``,
   ``tiny``; they have no tokenizer: ``distgen bench text`` feeds them token ids)
 """
@@ -31,12 +34,18 @@ class ResolvedModel:
     size: int | tuple[int, int, int] | None = None  # the preset's default image side / (frames, height, width)
 
 
+def default(workload: str) -> str:
+    """The embedded model a command of ``workload`` runs without ``--model``."""
+    return names(workload)[0]
+
+
 def names(workload: str) -> tuple[str, ...]:
     """The embedded model names of a workload, the default first."""
     if workload == "image":
+        from distgen.models import trained
         from distgen.models.tiny import PRESETS
 
-        return tuple(PRESETS)
+        return (*trained.names("image"), *PRESETS)
     if workload == "video":
         from distgen.models.tiny_video import VIDEO_PRESETS
 
@@ -45,12 +54,18 @@ def names(workload: str) -> tuple[str, ...]:
         from distgen.models.smollm2_moe import CLI_NAME
         from distgen.models.tiny_llm import PRESETS
 
-        return ("smollm2", CLI_NAME, *PRESETS)
+        from distgen.models import trained
+
+        return ("smollm2", *trained.names("text"), CLI_NAME, *PRESETS)
     raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
 
 
 def _build(workload: str, name: str) -> ResolvedModel:
     """The cache directory of an embedded model, building it on first use."""
+    from distgen.models import trained
+
+    if name in trained.TRAINED:
+        return ResolvedModel(str(trained.trained_dir(name)), name, trained.TRAINED[name].size)
     if workload == "image":
         from distgen.models.tiny import PRESETS, preset_dir
 

@@ -253,11 +253,15 @@ def _flux_pipeline(tokenizer, vocab: int, overrides: dict):
 
 def save_pipeline(pipe, directory: str | os.PathLike) -> Path:
     """``save_pretrained`` into ``directory`` atomically (build in a sibling temp dir, rename)."""
-    directory = Path(directory)
+    return _write_atomically(Path(directory), lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+
+
+def _write_atomically(directory: Path, write) -> Path:
+    """``write(tmp)`` into a sibling temp dir, then rename it to ``directory`` (a reader never sees half)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        write(tmp)
         try:
             os.rename(tmp, directory)
         except OSError:
@@ -269,17 +273,22 @@ def save_pipeline(pipe, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def cached_preset(name: str, build) -> Path:
-    """``build()``'s pipeline saved under the cache as preset ``name``, built once (safe across processes)."""
-    directory = cache_root() / "models" / f"{name}-v1"
+def cached_directory(key: str, write) -> Path:
+    """The cache's model directory ``key``, written once by ``write(tmp_dir)`` (safe across processes)."""
+    directory = cache_root() / "models" / key
     if (directory / "model_index.json").exists():
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.parent / f".{name}.lock", "w") as lock:
+    with open(directory.parent / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (directory / "model_index.json").exists():
-            save_pipeline(build(), directory)
+            _write_atomically(directory, write)
     return directory
+
+
+def cached_preset(name: str, build) -> Path:
+    """``build()``'s pipeline saved under the cache as preset ``name``, built once (safe across processes)."""
+    return cached_directory(f"{name}-v1", lambda tmp: build().save_pretrained(tmp, safe_serialization=True))
 
 
 def preset_dir(name: str = DEFAULT_MODEL) -> Path:

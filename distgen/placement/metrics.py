@@ -87,6 +87,24 @@ def cross_rank_floor(trace: RoutingTrace, slots_per_rank: int) -> float:
     return float(max(0.0, 1.0 - min(by_rows, by_cols) / total))
 
 
+def consecutive_mutual_information(trace: RoutingTrace) -> list[float]:
+    """Per pair of consecutive MoE layers, the mutual information (bits) between the expert a token
+    picks in layer l and the one it picks in layer l+1, from the trace's choice-pair counts (each of a
+    token's k x k pairs counts once). 0: layer l+1's choice says nothing about layer l's (nothing for
+    co-location to exploit); at most log2(E)."""
+    out = []
+    for cross in trace.cross:
+        total = cross.sum()
+        if total <= 0:
+            out.append(0.0)
+            continue
+        joint = cross / total
+        outer = joint.sum(axis=1, keepdims=True) @ joint.sum(axis=0, keepdims=True)
+        nonzero = joint > 0
+        out.append(float((joint[nonzero] * np.log2(joint[nonzero] / outer[nonzero])).sum()))
+    return out
+
+
 def summary(placement, trace: RoutingTrace) -> dict:
     """What ``distgen place`` prints for one placement."""
     balance = balancedness(placement.layers, trace)

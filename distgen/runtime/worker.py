@@ -11,9 +11,10 @@ from distgen.runtime.dist import init_worker, shutdown_worker
 
 
 def resolve_model_dir(model: str | None) -> str:
-    from distgen.models.tiny import DEFAULT_MODEL, preset_dir
+    """A job's model directory; ``None``: the embedded default image model."""
+    from distgen.models import presets
 
-    return str(preset_dir(DEFAULT_MODEL)) if model is None else model
+    return presets.resolve("image", None, presets.default("image")).directory if model is None else model
 
 
 def quiet_libraries() -> None:

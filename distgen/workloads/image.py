@@ -7,11 +7,11 @@ from distgen.workloads import resolve_nproc
 
 
 def resolve_image_model(args):
-    """--model (a pipeline directory or an embedded name), --preset (its alias, benches), else tiny-sd."""
+    """--model (a pipeline directory or an embedded name), --preset (its alias, benches), else the default."""
     from distgen.models import presets
-    from distgen.models.tiny import DEFAULT_MODEL
 
-    return presets.resolve("image", args.model, getattr(args, "default_model", DEFAULT_MODEL), getattr(args, "preset", None))
+    default = getattr(args, "default_model", None) or presets.default("image")
+    return presets.resolve("image", args.model, default, getattr(args, "preset", None))
 
 
 def prepare_image_job(

@@ -17,7 +17,10 @@ own centroid (a fringe ring around another object does not). Its shape comes fro
 
 :func:`check` matches the caption's objects to components (right colour first, then right shape, then
 right position, then the larger) and reports, per object, found (some component stands for it) / right
-colour / right shape / right position, and overall adherence (the fraction of objects right in all four).
+colour / right shape / right position, and overall adherence (the fraction of objects right in all four);
+per image, whether the border's commonest colour is the caption's background, and the object candidates
+no caption object accounts for (``extra_objects``: what tells a clean scene from coloured noise, in which
+some blob of the right colour is usually found).
 
 :func:`seam_score`: the mean absolute difference between adjacent pixel rows (or columns) across given
 patch boundaries, against the same away from them. :func:`trajectory` and :func:`trajectory_jumps`: the
@@ -74,6 +77,7 @@ class Report:
     objects: list[ObjectResult]
     background: str | None
     blobs: list[Blob] = field(default_factory=list)
+    border_colour: str | None = None  # the commonest colour name on the image border, as measured
 
     @property
     def adherence(self) -> float:
@@ -83,11 +87,22 @@ class Report:
     def found_with_colour(self) -> float:
         return float(np.mean([o.found and o.right_colour for o in self.objects]))
 
+    @property
+    def right_background(self) -> bool:
+        return self.border_colour == self.spec.background
+
+    @property
+    def extra_objects(self) -> int:
+        """Object candidates the caption does not account for (0 for a clean scene; many for noise)."""
+        used = {id(o.blob) for o in self.objects if o.blob is not None}
+        return sum(id(b) not in used for b in self.blobs)
+
     def summary(self) -> dict:
         rate = lambda key: float(np.mean([getattr(o, key) for o in self.objects]))  # noqa: E731
         return {"adherence": self.adherence, "found_with_colour": self.found_with_colour, "found": rate("found"),
                 "right_colour": rate("right_colour"), "right_shape": rate("right_shape"),
-                "right_position": rate("right_position"), "objects": len(self.objects)}
+                "right_position": rate("right_position"), "objects": len(self.objects),
+                "right_background": float(self.right_background), "extra_objects": self.extra_objects}
 
 
 # ---------------------------------------------------------------------------------------- labelling
@@ -299,7 +314,8 @@ def check(image, caption: str, tolerance: float = 110.0, min_area: float = 0.003
             result.right_position = bool(_position_ok(obj.position, blob) and (n == 1 or relation))
             result.right_size = _size_ok(obj, blob)
         results.append(result)
-    return Report(caption, spec, results, background, blobs)
+    border = _border_colour(label_colours(image, tolerance))
+    return Report(caption, spec, results, background, blobs, COLOURS[border] if border >= 0 else None)
 
 
 # ---------------------------------------------------------------------------------------------- seams
