@@ -276,3 +276,19 @@ def test_preset_is_an_alias_of_model(capsys):
 def test_tokenizerless_bench_model_cannot_generate_text(capsys):
     err = _error(capsys, ["generate", "text", "--model", "tiny"])
     assert "--model tiny: an embedded benchmark model without a tokenizer" in err and "smollm2-moe" in err
+
+
+def test_prompts_file_is_read_and_checked(capsys, tmp_path):
+    from distgen.workloads.text import read_prompts_file
+
+    good = tmp_path / "p.jsonl"
+    good.write_text('"def f(x):\\n    return"\n\n{"prompt": "import os"}\n')
+    assert read_prompts_file(str(good)) == ["def f(x):\n    return", "import os"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"ok"\nnot json\n')
+    err = _error(capsys, ["generate", "text", "--model", "tiny-sd-nope", "--prompts-file", str(bad)])
+    assert f"--prompts-file {bad}:2: not JSON" in err
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"text": "x"}\n')
+    assert "expected a JSON string" in _error(capsys, ["generate", "text", "--prompts-file", str(wrong)])
+    assert "no such file" in _error(capsys, ["generate", "text", "--prompts-file", str(tmp_path / "none.jsonl")])

@@ -37,6 +37,8 @@ def register(generate_kinds, bench_kinds) -> None:
     _add_common(text)
     text.add_argument("--prompt", action="append", default=None,
                       help="prompt text; repeat for a batch (default: a short question)")
+    text.add_argument("--prompts-file", default=None, metavar="FILE.jsonl",
+                      help="more prompts, one JSON string (or {\"prompt\": ...}) per line, after any --prompt")
     text.add_argument("--chat", default="auto", choices=("auto", "on", "off"),
                       help="wrap each prompt as a user message in the checkpoint's chat template "
                            "(auto: when the tokenizer has one)")

@@ -256,7 +256,7 @@ def save_pipeline(pipe, directory: str | os.PathLike) -> Path:
     return _write_atomically(Path(directory), lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
 
 
-def _write_atomically(directory: Path, write) -> Path:
+def _write_atomically(directory: Path, write, marker: str = "model_index.json") -> Path:
     """``write(tmp)`` into a sibling temp dir, then rename it to ``directory`` (a reader never sees half)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
@@ -265,7 +265,7 @@ def _write_atomically(directory: Path, write) -> Path:
         try:
             os.rename(tmp, directory)
         except OSError:
-            if not (directory / "model_index.json").exists():
+            if not (directory / marker).exists():
                 raise
     finally:
         if tmp.exists():
@@ -273,16 +273,17 @@ def _write_atomically(directory: Path, write) -> Path:
     return directory
 
 
-def cached_directory(key: str, write) -> Path:
-    """The cache's model directory ``key``, written once by ``write(tmp_dir)`` (safe across processes)."""
+def cached_directory(key: str, write, marker: str = "model_index.json") -> Path:
+    """The cache's model directory ``key``, written once by ``write(tmp_dir)`` (safe across processes);
+    ``marker``: the file a complete directory has (a pipeline's index, a checkpoint's config)."""
     directory = cache_root() / "models" / key
-    if (directory / "model_index.json").exists():
+    if (directory / marker).exists():
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (directory / "model_index.json").exists():
-            _write_atomically(directory, write)
+        if not (directory / marker).exists():
+            _write_atomically(directory, write, marker)
     return directory
 
 

@@ -34,10 +34,18 @@ TRAINED: dict[str, TrainedModel] = {
 }
 
 
+def _marker(name: str) -> str:
+    """The file every complete directory of that model has: a pipeline's index, a checkpoint's config."""
+    return "config.json" if TRAINED[name].workload == "text" else "model_index.json"
+
+
+def _shipped(name: str) -> bool:
+    return name in TRAINED and (WEIGHTS_ROOT / name / _marker(name)).exists()
+
+
 def names(workload: str) -> tuple[str, ...]:
     """The trained models of ``workload`` whose weights are in this package."""
-    return tuple(name for name, model in TRAINED.items()
-                 if model.workload == workload and (WEIGHTS_ROOT / name / "model_index.json").exists())
+    return tuple(name for name, model in TRAINED.items() if model.workload == workload and _shipped(name))
 
 
 def _digest(source: Path) -> str:
@@ -53,9 +61,10 @@ def trained_dir(name: str) -> Path:
     from distgen.models.tiny import cached_directory
 
     source = WEIGHTS_ROOT / name
-    if name not in TRAINED or not (source / "model_index.json").exists():
+    if not _shipped(name):
         from distgen.config import ConfigError
 
         raise ConfigError(f"--model {name}: not a trained model in this package; trained: "
-                          f"{', '.join(n for n in TRAINED if (WEIGHTS_ROOT / n).exists()) or 'none'}")
-    return cached_directory(f"{name}-{_digest(source)}", lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
+                          f"{', '.join(n for n in TRAINED if _shipped(n)) or 'none'}")
+    return cached_directory(f"{name}-{_digest(source)}", lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True),
+                            marker=_marker(name))

@@ -76,6 +76,31 @@ def resolve_model(model: str | None, default: str = "smollm2", preset: str | Non
     return presets.resolve("text", model, default, preset).directory
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """--prompts-file: one JSON string, or an object with a "prompt" string, per non-blank line."""
+    import json
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"--prompts-file {path}: no such file (JSON Lines: one JSON string per line)")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--prompts-file {path}:{number}: not JSON ({e.msg}); give one JSON string per line") from None
+            if isinstance(item, dict):
+                item = item.get("prompt")
+            if not isinstance(item, str):
+                raise ConfigError(f"--prompts-file {path}:{number}: expected a JSON string or {{\"prompt\": \"...\"}}")
+            prompts.append(item)
+    if not prompts:
+        raise ConfigError(f"--prompts-file {path}: no prompts in it")
+    return prompts
+
+
 def encode_prompts(tokenizer, prompts: list[str], chat: str, system: str | None) -> list[list[int]]:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat == "on" and not has_template:
@@ -99,6 +124,8 @@ def prepare_text_job(args):
 
     from distgen.models.tiny_llm import PRESETS as TOKENIZERLESS
 
+    if getattr(args, "prompts_file", None):
+        args.prompt = (args.prompt or []) + read_prompts_file(args.prompts_file)
     if getattr(args, "parallel", "") == "auto":
         from distgen.workloads import resolve_auto_parallel
 

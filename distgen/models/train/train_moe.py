@@ -226,7 +226,10 @@ def train(args) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m distgen.models.train.train_moe", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--out", default=None, help="checkpoint directory to write")
+    p.add_argument("--held-out-prompts", type=int, default=None, metavar="N",
+                   help="instead of training: print N prompts from the held-out modules as JSON Lines (for "
+                        "distgen generate text --prompts-file, e.g. to record routing on text never trained on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=16, help="windows per step")
@@ -236,6 +239,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args(argv)
+    if args.held_out_prompts is None and args.out is None:
+        p.error("--out is required (or --held-out-prompts N)")
     for name in ("steps", "batch", "context", "threads", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -244,8 +249,19 @@ def parse_args(argv=None):
     return args
 
 
+def held_out_prompts(count: int, chars: int = 600) -> list[str]:
+    """Up to ``count`` passages of ``chars`` characters, one per held-out module long enough (from its
+    ``chars``-th character on: past the licence header most modules open with)."""
+    _, held, _ = corpus()
+    return [text[chars:2 * chars] for text in held if len(text) >= 2 * chars][:count]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.held_out_prompts is not None:
+        for prompt in held_out_prompts(args.held_out_prompts):
+            print(json.dumps(prompt))
+        return 0
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(args)
