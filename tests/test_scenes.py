@@ -165,3 +165,19 @@ def test_trajectory_follows_a_moving_object_and_finds_jumps():
     spliced = np.concatenate([frames[:8], frames[::-1][:8]])  # the second clip starts from the far end
     jump = C.trajectory_jumps(C.trajectory(spliced, clip.caption), [8])
     assert jump["ratio"] > 5 * smooth["ratio"] and jump["missing_frames"] == 0
+
+
+def test_bench_video_tracks_the_prompt_object_across_clip_boundaries(tmp_path):
+    """distgen bench video's object_trajectory on rendered clips with known answers."""
+    from distgen.bench.video import object_trajectory, still_strip
+
+    clip = S.sample_clip(0, 8, 16)  # "a black triangle moving from left to right"
+    frames = S.render_clip(clip, 64)
+    smooth = object_trajectory(frames, clip.caption, [8, 8])
+    assert smooth["missing_frames"] == 0 and 0.7 < smooth["ratio"] < 1.4
+    assert smooth["x_first_last"][0] < 0.3 < 0.7 < smooth["x_first_last"][1]
+    jumped = np.concatenate([frames[:8], frames[12:], frames[12:16]])  # the second clip starts 4 frames late
+    assert object_trajectory(jumped, clip.caption, [8, 8])["ratio"] > 3
+    assert object_trajectory(frames, "a paper boat drifting down a river", [8, 8]) is None  # not the grammar
+    picked = still_strip({"a": frames, "b": jumped}, [8, 8], str(tmp_path / "s.png"), count=4)
+    assert {7, 8} <= set(picked) and Image.open(tmp_path / "s.png").size == (64 * len(picked), 128)

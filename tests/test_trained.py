@@ -101,3 +101,43 @@ def test_the_shipped_moe_routes_by_what_it_learned():
     random_router_ppl = perplexity(model, stream, 128, windows=16)
     assert trained_ppl < 0.1 * len(tokenizer), trained_ppl
     assert trained_ppl < 0.8 * random_router_ppl, (trained_ppl, random_router_ppl)
+
+
+needs_shapes_t2v = pytest.mark.skipif("shapes-t2v" not in trained.names("video"),
+                                      reason="the shapes-t2v weights are not in this checkout")
+MOTION_PROMPTS = ("a red ball moving from left to right on a white background",
+                  "a blue square moving from right to left on a yellow background")
+
+
+def _motion(directory, prompt: str, seed: int = 0) -> tuple[list, float]:
+    """(trajectory, x travelled) of the prompt's object over a 16-frame one-rank video."""
+    from diffusers import DiffusionPipeline
+
+    from distgen.models.train.checker import trajectory
+
+    pipe = DiffusionPipeline.from_pretrained(directory, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    video = pipe(prompt, num_frames=16, height=64, width=64, num_inference_steps=20, guidance_scale=4.0,
+                 generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+    points = trajectory([(frame * 255).round().astype("uint8") for frame in video], prompt)
+    found = [p for p in points if p is not None]
+    return points, (found[-1][0] - found[0][0]) if len(found) >= 2 else 0.0
+
+
+@needs_shapes_t2v
+@pytest.mark.timeout(300)
+def test_the_shipped_video_model_moves_its_object_the_way_the_prompt_says(tmp_path):
+    from diffusers import DiffusionPipeline, UNet3DConditionModel
+
+    torch.set_num_threads(1)
+    directory = trained.trained_dir("shapes-t2v")
+    for prompt, direction in zip(MOTION_PROMPTS, (1, -1)):
+        points, travelled = _motion(directory, prompt)
+        assert sum(p is not None for p in points) >= 12, (prompt, points)
+        assert direction * travelled > 0.25, (prompt, travelled, points)
+    pipe = DiffusionPipeline.from_pretrained(directory)
+    torch.manual_seed(0)
+    pipe.unet = UNet3DConditionModel.from_config(pipe.unet.config)  # same layout, random weights
+    pipe.save_pretrained(tmp_path / "random")
+    points, travelled = _motion(tmp_path / "random", MOTION_PROMPTS[0])
+    assert not (sum(p is not None for p in points) >= 12 and travelled > 0.25), (points, travelled)

@@ -250,10 +250,10 @@ def test_model_accepts_an_embedded_video_name():
 
 
 @pytest.mark.parametrize("argv,workload,listed", [
-    (["generate", "image"], "image", "tiny-sd, tiny-pixart, tiny-sd3, unet-bench, dit-bench"),
+    (["generate", "image"], "image", "shapes-sd, tiny-sd, tiny-pixart, tiny-sd3, unet-bench, dit-bench"),
     (["generate", "video"], "video", "tiny-t2v, tiny-animatediff, tiny-wan, t2v-bench"),
-    (["generate", "text"], "text", "smollm2, smollm2-moe, tiny, llama-bench"),
-    (["bench", "text"], "text", "smollm2, smollm2-moe, tiny, llama-bench"),
+    (["generate", "text"], "text", "smollm2, distgen-moe, smollm2-moe, tiny, llama-bench"),
+    (["bench", "text"], "text", "smollm2, distgen-moe, smollm2-moe, tiny, llama-bench"),
 ])
 def test_unknown_model_name_lists_the_embedded_ones(capsys, argv, workload, listed):
     err = _error(capsys, argv + ["--model", "tiny-nope"])

@@ -50,6 +50,38 @@ def boundary_consistency(video: np.ndarray, lengths: list[int], frame_axis: int)
     return {"boundary_mad": b, "inside_mad": i, "ratio": b / i if inside and i else float("nan")}
 
 
+def object_trajectory(frames: np.ndarray, prompt: str, lengths: list[int]) -> dict | None:
+    """The prompt's object tracked by the checker (``distgen.models.train.checker``) frame by frame: its
+    centroid's step across clip boundaries vs inside clips (a motion continuous across clips: ratio ~1),
+    and frames where it was not found. None when the prompt is not in the shapes grammar."""
+    from distgen.models.train.checker import trajectory, trajectory_jumps
+    from distgen.models.train.scenes import parse_caption
+
+    try:
+        parse_caption(prompt)
+    except ValueError:
+        return None
+    points = trajectory(list(frames), prompt)
+    jumps = trajectory_jumps(points, [int(b) for b in np.cumsum(lengths)[:-1]])
+    return {"boundary_step": jumps["boundary"], "inside_step": jumps["inside"], "ratio": jumps["ratio"],
+            "missing_frames": jumps["missing_frames"],
+            "x_first_last": [None if points[i] is None else round(points[i][0], 3) for i in (0, -1)]}
+
+
+def still_strip(rows: dict[str, np.ndarray], lengths: list[int], path: str, count: int = 8) -> list[int]:
+    """A PNG of ``count`` frames per row (evenly spaced, plus the last frame of each clip and the first of
+    the next, where seams show), one row per configuration; returns the frame indices."""
+    from PIL import Image
+
+    frames = len(next(iter(rows.values())))
+    starts = [int(b) for b in np.cumsum(lengths)[:-1]]
+    picked = sorted(set(np.linspace(0, frames - 1, count).round().astype(int).tolist())
+                    | {b - 1 for b in starts} | set(starts))
+    Image.fromarray(np.concatenate([np.concatenate([video[i] for i in picked], axis=1) for video in rows.values()],
+                                   axis=0)).save(path)
+    return picked
+
+
 def _variants(spec: str, headline: ClipConfig) -> list[tuple[str, ClipConfig]]:
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -158,6 +190,9 @@ def bench_video(args) -> dict:
             "boundary_consistency_frames": boundary_consistency(frames, lengths, frame_axis=0),
             "boundary_consistency_latents": boundary_consistency(latents, lengths, frame_axis=2),
         }
+        trajectory = object_trajectory(frames, request.prompt, lengths)
+        if trajectory is not None:
+            entry["object_trajectory"] = trajectory
         if baseline is not None:
             entry["speedup_vs_1_rank"] = baseline["seconds_per_step"] / entry["seconds_per_step"]
             entry["psnr_frames_db"] = psnr(frames, base_frames)
@@ -169,6 +204,14 @@ def bench_video(args) -> dict:
         lengths = runs[0]["clip_lengths"]
         baseline["boundary_consistency_frames"] = boundary_consistency(base_frames, lengths, frame_axis=0)
         baseline["boundary_consistency_latents"] = boundary_consistency(base_latents, lengths, frame_axis=2)
+        trajectory = object_trajectory(base_frames, request.prompt, lengths)
+        if trajectory is not None:
+            baseline["object_trajectory"] = trajectory
+    if getattr(args, "strip", None):
+        rows = ({} if baseline is None else {"1 rank": base_frames}) | {
+            name: measured[name]["frames"].numpy() for name, _ in jobs if not name.startswith("dual-scope exchanging")}
+        report["strip"] = {"path": args.strip, "rows": list(rows),
+                           "frames": still_strip(rows, runs[0]["clip_lengths"], args.strip)}
     by_name = {r["variant"]: r for r in runs}
     naive = by_name.get("naive")
     if naive is not None:

@@ -20,10 +20,12 @@ def _add_video_arguments(parser: argparse.ArgumentParser, *, bench: bool) -> Non
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=8, help="frame rate written into the video file")
-    default = "t2v-bench" if bench else "tiny-t2v"
+    from distgen.models import presets
+
+    default = "t2v-bench" if bench else presets.default("video")
     parser.add_argument("--model", default=None,
                         help=f"diffusers video pipeline directory (save_pretrained layout), or the name of an embedded "
-                             f"model: tiny-t2v, tiny-animatediff, tiny-wan, t2v-bench (default {default}; a directory "
+                             f"model: {', '.join(presets.names('video'))} (default {default}; a directory "
                              f"that exists wins over a name)")
     parser.add_argument("--preset", default=None, help="alias of --model NAME for an embedded model (kept for older "
                                                        "command lines)")
@@ -54,6 +56,8 @@ def register(generate_kinds, bench_kinds) -> None:
     bench.add_argument("--modes", default="exact,dual-scope,dual-scope+stale,naive",
                        help="variants to measure; '+stale' adds --stale-context")
     bench.add_argument("--no-overhead-table", action="store_true", help="skip the + conv / + GroupNorm runs")
+    bench.add_argument("--strip", default=None, metavar="PNG",
+                       help="also write a still strip: a few frames (and those around each clip boundary) per mode")
     bench.add_argument("--repeats", type=int, default=1, help="requests per configuration (steps are pooled)")
     bench.add_argument("--rounds", type=int, default=1,
                        help="measure every configuration this many times, interleaved (steps pooled): evens out a "

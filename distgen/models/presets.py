@@ -9,8 +9,9 @@ on first use and from then on loaded like any checkpoint. ``--preset X``, where 
   what a shapes prompt says), then the random-weight :data:`distgen.models.tiny.PRESETS` (``tiny-sd``,
   ``tiny-pixart``, ``tiny-sd3``, ``unet-bench``, ``dit-bench``, ``tiny-flux``: tests and benches, where
   random weights are the point)
-- video: :data:`distgen.models.tiny_video.VIDEO_PRESETS` (``tiny-t2v`` the default,
-  ``tiny-animatediff``, ``tiny-wan``, ``t2v-bench``)
+- video: the trained ``shapes-t2v`` (the default when shipped), then the random-weight
+  :data:`distgen.models.tiny_video.VIDEO_PRESETS` (``tiny-t2v``, ``tiny-animatediff``, ``tiny-wan``,
+  ``t2v-bench``)
 - text: ``smollm2`` (the default, SmolLM2-135M-Instruct), ``distgen-moe`` (a Qwen2-MoE trained from
   scratch, routing learned), ``smollm2-moe`` (derived from SmolLM2 by MoEfication) and
   the random-weight bench Llamas of :data:`distgen.models.tiny_llm.PRESETS` (``llama-bench``,
@@ -47,9 +48,10 @@ def names(workload: str) -> tuple[str, ...]:
 
         return (*trained.names("image"), *PRESETS)
     if workload == "video":
+        from distgen.models import trained
         from distgen.models.tiny_video import VIDEO_PRESETS
 
-        return tuple(VIDEO_PRESETS)
+        return (*trained.names("video"), *VIDEO_PRESETS)
     if workload == "text":
         from distgen.models.smollm2_moe import CLI_NAME
         from distgen.models.tiny_llm import PRESETS

@@ -29,6 +29,8 @@ class TrainedModel:
 TRAINED: dict[str, TrainedModel] = {
     "shapes-sd": TrainedModel("image", 64, "SD layout (UNet2DCondition + CLIP text encoder + 4x AutoencoderKL), "
                                            "trained on procedural shape scenes at 64 px"),
+    "shapes-t2v": TrainedModel("video", (16, 64, 64), "ModelScope layout (UNet3DCondition) on shapes-sd's VAE and "
+                                                      "text encoder, trained on 16-frame clips of moving shapes"),
     "distgen-moe": TrainedModel("text", None, "Qwen2-MoE layout (16 routed experts, top-4, shared expert), trained "
                                               "from scratch on the Python standard library's source"),
 }

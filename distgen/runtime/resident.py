@@ -344,11 +344,11 @@ class _ImageRunner:
 
 class _VideoRunner:
     def __init__(self, job: ResidentJob, ctx):
-        from distgen.models.tiny_video import DEFAULT_VIDEO_MODEL, video_preset_dir
+        from distgen.models import presets
         from distgen.runtime.video import VideoRunner
 
         base = job.base.replace(progress=False)
-        model_dir = base.model if base.model is not None else str(video_preset_dir(DEFAULT_VIDEO_MODEL))
+        model_dir = base.model if base.model is not None else presets.resolve("video", None, presets.default("video")).directory
         self.runner = VideoRunner(base, ctx, model_dir)
         self.ctx = ctx
         self.steps = _DenoiserSteps(self.runner.denoiser)

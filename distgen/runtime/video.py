@@ -185,9 +185,9 @@ def _per_rank_summary(result: VideoResult, skip: int, ctx: WorkerContext) -> lis
 
 
 def run_video_job(job: VideoJob, ctx: WorkerContext) -> dict | None:
-    from distgen.models.tiny_video import DEFAULT_VIDEO_MODEL, video_preset_dir
+    from distgen.models import presets
 
-    model_dir = job.model if job.model is not None else str(video_preset_dir(DEFAULT_VIDEO_MODEL))
+    model_dir = job.model if job.model is not None else presets.resolve("video", None, presets.default("video")).directory
     runner = VideoRunner(job, ctx, model_dir)
     decode = bool(job.out) or job.return_frames
     results = []

@@ -13,11 +13,10 @@ from distgen.workloads import resolve_nproc
 def resolve_model(args) -> tuple[str, tuple[int, int, int] | None]:
     """The model directory and, for an embedded model, its default (frames, height, width):
     --model (a pipeline directory or an embedded name), --preset (its alias), else the command's
-    default (tiny-t2v; bench: t2v-bench)."""
+    default (the embedded default; bench: t2v-bench)."""
     from distgen.models import presets
-    from distgen.models.tiny_video import DEFAULT_VIDEO_MODEL
 
-    resolved = presets.resolve("video", args.model, getattr(args, "default_model", DEFAULT_VIDEO_MODEL),
+    resolved = presets.resolve("video", args.model, getattr(args, "default_model", None) or presets.default("video"),
                                getattr(args, "preset", None))
     return resolved.directory, resolved.size
 
