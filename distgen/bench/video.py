@@ -50,6 +50,11 @@ def boundary_consistency(video: np.ndarray, lengths: list[int], frame_axis: int)
     return {"boundary_mad": b, "inside_mad": i, "ratio": b / i if inside and i else float("nan")}
 
 
+def _clip_starts(lengths: list[int]) -> list[int]:
+    """First frames of clips 1..n-1."""
+    return [int(b) for b in np.cumsum(lengths)[:-1]]
+
+
 def object_trajectory(frames: np.ndarray, prompt: str, lengths: list[int]) -> dict | None:
     """The prompt's object tracked by the checker (``distgen.models.train.checker``) frame by frame: its
     centroid's step across clip boundaries vs inside clips (a motion continuous across clips: ratio ~1),
@@ -62,7 +67,7 @@ def object_trajectory(frames: np.ndarray, prompt: str, lengths: list[int]) -> di
     except ValueError:
         return None
     points = trajectory(list(frames), prompt)
-    jumps = trajectory_jumps(points, [int(b) for b in np.cumsum(lengths)[:-1]])
+    jumps = trajectory_jumps(points, _clip_starts(lengths))
     return {"boundary_step": jumps["boundary"], "inside_step": jumps["inside"], "ratio": jumps["ratio"],
             "missing_frames": jumps["missing_frames"],
             "x_first_last": [None if points[i] is None else round(points[i][0], 3) for i in (0, -1)]}
@@ -74,7 +79,7 @@ def still_strip(rows: dict[str, np.ndarray], lengths: list[int], path: str, coun
     from PIL import Image
 
     frames = len(next(iter(rows.values())))
-    starts = [int(b) for b in np.cumsum(lengths)[:-1]]
+    starts = _clip_starts(lengths)
     picked = sorted(set(np.linspace(0, frames - 1, count).round().astype(int).tolist())
                     | {b - 1 for b in starts} | set(starts))
     Image.fromarray(np.concatenate([np.concatenate([video[i] for i in picked], axis=1) for video in rows.values()],

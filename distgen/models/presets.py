@@ -53,10 +53,9 @@ def names(workload: str) -> tuple[str, ...]:
 
         return (*trained.names("video"), *VIDEO_PRESETS)
     if workload == "text":
+        from distgen.models import trained
         from distgen.models.smollm2_moe import CLI_NAME
         from distgen.models.tiny_llm import PRESETS
-
-        from distgen.models import trained
 
         return ("smollm2", *trained.names("text"), CLI_NAME, *PRESETS)
     raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")

@@ -10,6 +10,7 @@ serving stale ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 from dataclasses import dataclass
@@ -22,17 +23,16 @@ WEIGHTS_ROOT = Path(__file__).parent / "weights"
 class TrainedModel:
     workload: str  # "image", "video" or "text"
     size: int | tuple[int, int, int] | None  # the training side in pixels / (frames, height, width); text: None
-    summary: str
 
 
 # The default of each workload first.
 TRAINED: dict[str, TrainedModel] = {
-    "shapes-sd": TrainedModel("image", 64, "SD layout (UNet2DCondition + CLIP text encoder + 4x AutoencoderKL), "
-                                           "trained on procedural shape scenes at 64 px"),
-    "shapes-t2v": TrainedModel("video", (16, 64, 64), "ModelScope layout (UNet3DCondition) on shapes-sd's VAE and "
-                                                      "text encoder, trained on 16-frame clips of moving shapes"),
-    "distgen-moe": TrainedModel("text", None, "Qwen2-MoE layout (16 routed experts, top-4, shared expert), trained "
-                                              "from scratch on the Python standard library's source"),
+    # SD layout (UNet2DCondition + CLIP text encoder + 4x AutoencoderKL), procedural shape scenes at 64 px
+    "shapes-sd": TrainedModel("image", 64),
+    # ModelScope layout (UNet3DCondition) on shapes-sd's VAE and text encoder, 16-frame moving-shape clips
+    "shapes-t2v": TrainedModel("video", (16, 64, 64)),
+    # Qwen2-MoE layout (16 routed experts, top-4, shared expert), the Python standard library's source
+    "distgen-moe": TrainedModel("text", None),
 }
 
 
@@ -50,6 +50,7 @@ def names(workload: str) -> tuple[str, ...]:
     return tuple(name for name, model in TRAINED.items() if model.workload == workload and _shipped(name))
 
 
+@functools.lru_cache(maxsize=None)  # the shipped files do not change while a process runs
 def _digest(source: Path) -> str:
     h = hashlib.sha256()
     for path in sorted(p for p in source.rglob("*") if p.is_file()):

@@ -38,12 +38,10 @@ from pathlib import Path
 
 import torch
 
+from distgen.models.train.train_image import _log
+
 EOS = "<|endoftext|>"
 HELD_OUT_FRACTION = 0.05
-
-
-def _log(message: str) -> None:
-    print(message, flush=True)
 
 
 # -------------------------------------------------------------------------------------------- text
